@@ -1,0 +1,224 @@
+"""The case format: every validation rule raises one CaseFormatError naming file and key."""
+import json
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from vmat_diffusion.case import Case, CaseFormatError, load_case, save_case
+from vmat_diffusion.constraints import PROSTATE, constraint_vector
+from vmat_diffusion.structures import PROSTATE_STRUCTURES
+
+SHAPE = (6, 5, 4)
+
+
+def tiny_case(**overrides) -> Case:
+    rng = np.random.default_rng(0)
+    s = len(PROSTATE_STRUCTURES)
+    fields = dict(
+        ct=rng.random(SHAPE, dtype=np.float32),
+        dose=(70 * rng.random(SHAPE)).astype(np.float32),
+        masks_sdf=rng.uniform(-1, 1, (s,) + SHAPE).astype(np.float32),
+        constraints=constraint_vector(PROSTATE, ["PTV70"], 70.0),
+        metadata={"case_id": "c1", "structures": list(PROSTATE_STRUCTURES),
+                  "spacing_mm": [2.0, 2.0, 3.0], "rx_dose_gy": 70.0},
+        extras={"possible_dose_mask": np.ones(SHAPE, np.uint8)},
+    )
+    fields.update(overrides)
+    return Case(**fields)
+
+
+def write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def arrays_of(case: Case, drop=(), **replace):
+    arrays = {"ct": case.ct, "dose": case.dose, "masks_sdf": case.masks_sdf,
+              "constraints": case.constraints, "metadata": np.array(json.dumps(case.metadata))}
+    arrays.update(replace)
+    for key in drop:
+        arrays.pop(key)
+    return arrays
+
+
+def test_round_trip_keeps_every_array_and_metadata(tmp_path):
+    case = tiny_case()
+    path = save_case(tmp_path / "c1.npz", case)
+    back = load_case(path)
+    for key in ("ct", "dose", "masks_sdf", "constraints"):
+        np.testing.assert_array_equal(getattr(back, key), getattr(case, key))
+        assert getattr(back, key).dtype == np.float32
+    np.testing.assert_array_equal(back.extras["possible_dose_mask"], case.extras["possible_dose_mask"])
+    assert back.case_id == "c1" and back.structures == list(PROSTATE_STRUCTURES)
+    assert back.spacing_mm == (2.0, 2.0, 3.0) and back.rx_dose_gy == 70.0
+    assert back.shape == SHAPE
+
+
+def test_mask_and_present_structures():
+    case = tiny_case()
+    case.masks_sdf[:] = 1.0
+    case.masks_sdf[1, 0, 0, 0] = -0.5
+    assert case.present_structures() == ["PTV56"]
+    assert case.mask("PTV56").sum() == 1
+    with pytest.raises(KeyError, match="SpinalCord"):
+        case.mask("SpinalCord")
+
+
+@pytest.mark.parametrize("missing", ["ct", "dose", "masks_sdf", "constraints", "metadata"])
+def test_missing_key(tmp_path, missing):
+    path = write_npz(tmp_path / "bad.npz", **arrays_of(tiny_case(), drop=[missing]))
+    with pytest.raises(CaseFormatError, match=rf"bad\.npz, key '{missing}': missing") as info:
+        load_case(path)
+    assert info.value.key == missing
+
+
+def test_dose_may_be_absent_for_inference(tmp_path):
+    path = write_npz(tmp_path / "nodose.npz", **arrays_of(tiny_case(), drop=["dose"]))
+    assert load_case(path, require_dose=False).dose is None
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("dose", np.zeros((6, 5, 3), np.float32), "differs from ct"),
+    ("masks_sdf", np.zeros((8, 6, 5, 3), np.float32), "spatial shape"),
+    ("masks_sdf", np.zeros((7,) + SHAPE, np.float32), "7 channels but metadata 'structures' names 8"),
+    ("ct", np.zeros((6, 5), np.float32), "expected 3 dimensions"),
+    ("ct", np.zeros(SHAPE, np.int16), "expected float32, got dtype int16"),
+    ("constraints", np.zeros((2, 13), np.float32), "expected 1 dimensions"),
+])
+def test_bad_shapes_and_dtypes(tmp_path, key, value, message):
+    path = write_npz(tmp_path / "bad.npz", **arrays_of(tiny_case(), **{key: value}))
+    with pytest.raises(CaseFormatError, match=message) as info:
+        load_case(path)
+    assert info.value.key == key and "bad.npz" in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["ct", "dose", "masks_sdf", "constraints"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_values(tmp_path, key, bad):
+    arr = getattr(tiny_case(), key).copy()
+    arr.flat[3] = bad
+    path = write_npz(tmp_path / "bad.npz", **arrays_of(tiny_case(), **{key: arr}))
+    with pytest.raises(CaseFormatError, match=f"key '{key}': contains 1 NaN or Inf"):
+        load_case(path)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"spacing_mm": [2.0, 0.0, 3.0]}, "spacing_mm"),
+    ({"spacing_mm": [2.0, 2.0]}, "spacing_mm"),
+    ({"spacing_mm": "2mm"}, "spacing_mm"),
+    ({"spacing_mm": [2.0, float("nan"), 3.0]}, "spacing_mm"),
+    ({"rx_dose_gy": -70}, "rx_dose_gy"),
+    ({"structures": "PTV70"}, "structures"),
+    ({"case_id": None, "_drop": "case_id"}, "missing field 'case_id'"),
+])
+def test_bad_metadata(tmp_path, change, message):
+    meta = dict(tiny_case().metadata)
+    drop = change.pop("_drop", None)
+    meta.update(change)
+    if drop:
+        meta.pop(drop)
+    path = write_npz(tmp_path / "bad.npz", **arrays_of(tiny_case(), metadata=np.array(json.dumps(meta))))
+    with pytest.raises(CaseFormatError, match=message) as info:
+        load_case(path)
+    assert info.value.key == "metadata"
+
+
+def test_metadata_not_json(tmp_path):
+    path = write_npz(tmp_path / "bad.npz", **arrays_of(tiny_case(), metadata=np.array("{not json")))
+    with pytest.raises(CaseFormatError, match="key 'metadata': is not valid JSON"):
+        load_case(path)
+
+
+def test_structure_count_must_match_channels(tmp_path):
+    meta = dict(tiny_case().metadata, structures=list(PROSTATE_STRUCTURES[:7]))
+    path = write_npz(tmp_path / "bad.npz", **arrays_of(tiny_case(), metadata=np.array(json.dumps(meta))))
+    with pytest.raises(CaseFormatError, match="8 channels but metadata 'structures' names 7"):
+        load_case(path)
+
+
+def test_pickled_metadata_refused_by_default_and_opt_in(tmp_path):
+    meta = tiny_case().metadata
+    obj = np.empty((), dtype=object)
+    obj[()] = meta
+    path = write_npz(tmp_path / "old.npz", **arrays_of(tiny_case(), metadata=obj))
+    with pytest.raises(CaseFormatError, match="pickled Python object.*allow_pickle=True"):
+        load_case(path)
+    assert load_case(path, allow_pickle=True).case_id == "c1"
+
+
+def test_pickle_payload_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    obj = np.empty((), dtype=object)
+    obj[()] = Evil()
+    path = write_npz(tmp_path / "evil.npz", **arrays_of(tiny_case(), metadata=obj))
+    with pytest.raises(CaseFormatError):
+        load_case(path)
+    assert not marker.exists()
+
+
+def test_truncated_and_non_zip_files(tmp_path):
+    good = save_case(tmp_path / "good.npz", tiny_case())
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CaseFormatError, match="truncated.npz"):
+        load_case(truncated)
+    text = tmp_path / "text.npz"
+    text.write_text("hello")
+    with pytest.raises(CaseFormatError, match="text.npz.*not a readable .npz"):
+        load_case(text)
+    with pytest.raises(CaseFormatError, match="file not found"):
+        load_case(tmp_path / "absent.npz")
+    single = tmp_path / "single.npz"
+    with open(single, "wb") as f:
+        np.save(f, np.zeros(3))
+    with pytest.raises(CaseFormatError, match="single .npy"):
+        load_case(single)
+
+
+def test_corrupt_member_names_the_key(tmp_path):
+    good = save_case(tmp_path / "good.npz", tiny_case(), compress=False)
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as z:
+        info = z.getinfo("dose.npy")
+    start = info.header_offset + 30 + len(info.filename) + 200  # inside the dose payload
+    data[start:start + 50] = b"\xff" * 50
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(CaseFormatError, match="corrupt.npz, key 'dose'"):
+        load_case(corrupt)
+
+
+def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
+    path = save_case(tmp_path / "c.npz", tiny_case())
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_case(path, tiny_case(metadata=dict(tiny_case().metadata, case_id="other")))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.npz"]  # no temporary left behind
+
+
+def test_save_validates_before_writing(tmp_path):
+    bad = tiny_case(dose=np.zeros((2, 2, 2), np.float32))
+    with pytest.raises(CaseFormatError, match="dose"):
+        save_case(tmp_path / "bad.npz", bad)
+    assert not (tmp_path / "bad.npz").exists()
+
+
+def test_saved_file_loads_without_pickle_in_plain_numpy(tmp_path):
+    path = save_case(tmp_path / "c.npz", tiny_case())
+    with np.load(path, allow_pickle=False) as z:
+        assert json.loads(str(z["metadata"]))["case_id"] == "c1"

@@ -1,0 +1,319 @@
+"""Whole-volume inference with a patch-sized network: overlapping windows, Gaussian blending.
+
+Networks are trained on patches (e.g. 128^3) but patients are bigger, so a prediction is
+assembled from overlapping windows. ``sliding_window_inference`` is the one windowing
+implementation of the package: any "window in -> window out" function (a regression U-Net,
+one DDIM noise prediction, a whole DDIM run) goes through it.
+
+Window grid (per axis, see ``window_starts``): the first window starts at 0, the last ends
+exactly at the border, the starts in between are evenly spaced and the overlap is at least the
+requested one, so every voxel is covered. Each window's output is weighted by a centred
+Gaussian (``gaussian_importance_map``; voxels near a window's edge, where the network saw the
+least context, count least) and the weighted sum is divided by the summed weights.
+
+Volumes smaller than a window along an axis are padded per window with **replicate** padding
+(the volume is centred in the window; the padded part of the output is cropped away).
+Replicate, not constant 0, because a constant would be a real value for some channels (0 is
+"air" for CT but "on the contour" for a scaled SDF), while replicating the edge voxels adds no
+new structure; for a voxel-wise predictor the padding cannot change any result.
+
+``predict_full_volume`` runs the diffusion model over a whole volume, in two modes:
+
+* ``"synchronous"`` (default): one full-volume x_T; at every DDIM step the noise predictions
+  of all windows are blended into one full-volume estimate and one DDIM step is taken on the
+  whole volume, so neighbouring windows denoise the same x_t and agree.
+* ``"per_window"``: every window is denoised on its own from its own noise (a full DDIM run)
+  and only the final x0 windows are blended; windows may settle on different solutions, which
+  shows as seams in the overlaps.
+
+Both modes make the same number of model calls (windows x steps).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .ddim import DDIMSampler
+
+Size3 = Union[int, Sequence[int]]
+PREDICT_MODES = ("synchronous", "per_window")
+
+
+def window_starts(size: int, patch: int, overlap: int) -> List[int]:
+    """Start indices of the windows along one axis (voxels).
+
+    ``ceil((size - patch) / (patch - overlap)) + 1`` windows with starts spaced evenly from 0 to
+    ``size - patch`` (like ``linspace``, rounded to the nearest integer), so the last window ends
+    exactly at the border and neighbouring windows overlap by at least ``overlap`` voxels.
+    An axis shorter than (or as long as) the patch gets one window, ``[0]``.
+    """
+    for name, value in (("size", size), ("patch", patch)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(overlap, int) or not 0 <= overlap < patch:
+        raise ValueError(f"overlap must be an int in [0, patch={patch}), got {overlap!r}")
+    if size <= patch:
+        return [0]
+    span = size - patch
+    n_windows = math.ceil(span / (patch - overlap)) + 1
+    return [int(math.floor(i * span / (n_windows - 1) + 0.5)) for i in range(n_windows)]
+
+
+def gaussian_importance_map(patch_size: Size3, sigma_scale: float = 0.125, floor: float = 1e-3,
+                            device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+    """Blending weights of one window: float32 tensor of shape ``patch_size`` (px, py, pz).
+
+    A centred Gaussian with sigma = ``sigma_scale`` x patch length along each axis, normalised to
+    a maximum of 1 and clamped from below at ``floor`` (relative to the maximum), so voxels at a
+    window's corner still get a small positive weight and a voxel covered by a single window's
+    edge is never divided by ~0.
+    """
+    patch = _as_triple(patch_size, "patch_size")
+    if not sigma_scale > 0:
+        raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}")
+    if not 0 < floor <= 1:
+        raise ValueError(f"floor must be in (0, 1], got {floor!r}")
+    profiles = []
+    for length in patch:
+        position = torch.arange(length, dtype=torch.float64, device=device) - (length - 1) / 2.0
+        sigma = sigma_scale * length
+        profiles.append(torch.exp(-0.5 * (position / sigma) ** 2))
+    weights = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
+    weights = weights / weights.max()
+    return weights.clamp_(min=floor).to(torch.float32)
+
+
+@torch.no_grad()
+def sliding_window_inference(volume: torch.Tensor, predictor: Callable[..., torch.Tensor],
+                             patch_size: Size3 = 128, overlap: Size3 = 32, batch_size: int = 1,
+                             sigma_scale: float = 0.125, progress: bool = False,
+                             accumulate_device: Optional[Union[str, torch.device]] = None,
+                             volume_args: Sequence[torch.Tensor] = (),
+                             floor: float = 1e-3) -> torch.Tensor:
+    """Apply a window-sized ``predictor`` over a whole volume and blend the windows.
+
+    Args:
+        volume: (B, C, X, Y, Z) tensor. Only window-sized slices of it are copied.
+        predictor: maps a batch of windows (N, C, px, py, pz) (plus, per ``volume_args``, the
+            rows of each window's volume) to (N, C_out, px, py, pz). It may run under autocast
+            and return bf16/fp16: outputs are cast to float32 before accumulation.
+        patch_size: window size in voxels, int or (px, py, pz).
+        overlap: minimum overlap of neighbouring windows in voxels, int or 3-tuple, < patch.
+        batch_size: windows per predictor call; windows of different volumes share calls.
+        sigma_scale: Gaussian sigma of the blending weights as a fraction of the patch length.
+        progress: show a tqdm bar over predictor calls.
+        accumulate_device: where the float32 accumulators live (default: the volume's device;
+            "cpu" saves GPU memory for large volumes).
+        volume_args: tensors with first dimension B (e.g. constraints (B, K)); for each batch
+            of windows the predictor is called as ``predictor(windows, *(a[idx] for a in
+            volume_args))`` where ``idx`` (N,) are the windows' volume indices.
+        floor: smallest blending weight relative to the window centre's.
+
+    Returns:
+        (B, C_out, X, Y, Z) float32 on the volume's device.
+    """
+    _check_volume(volume, "volume")
+    patch = _as_triple(patch_size, "patch_size")
+    overlaps = _as_triple(overlap, "overlap", minimum=0)
+    for axis in range(3):
+        if overlaps[axis] >= patch[axis]:
+            raise ValueError(f"overlap must be smaller than patch_size on every axis, "
+                             f"got overlap={overlaps} for patch_size={patch}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    n_volumes = volume.shape[0]
+    for i, arg in enumerate(volume_args):
+        if not torch.is_tensor(arg) or arg.ndim < 1 or arg.shape[0] != n_volumes:
+            raise ValueError(f"volume_args[{i}] must be a tensor with first dimension "
+                             f"B={n_volumes}, got {_describe(arg)}")
+
+    spatial = tuple(volume.shape[2:])
+    acc_device = torch.device(accumulate_device) if accumulate_device is not None else volume.device
+    weights = gaussian_importance_map(patch, sigma_scale, floor, device=acc_device)
+    windows = _window_grid(spatial, patch, overlaps)
+    tasks = [(b, window) for window in windows for b in range(n_volumes)]
+
+    weight_sum = torch.zeros(spatial, dtype=torch.float32, device=acc_device)
+    for window in windows:
+        weight_sum[window.target] += weights[window.crop]
+
+    output_sum = None
+    batches = [tasks[i:i + batch_size] for i in range(0, len(tasks), batch_size)]
+    for batch in tqdm(batches, desc="windows", disable=not progress):
+        inputs = torch.stack([window.extract(volume[b]) for b, window in batch])
+        index = torch.tensor([b for b, _ in batch], dtype=torch.long, device=volume.device)
+        rows = [arg[index.to(arg.device)] for arg in volume_args]
+        outputs = predictor(inputs, *rows)
+        _check_prediction(outputs, len(batch), patch)
+        if output_sum is None:
+            output_sum = torch.zeros((n_volumes, outputs.shape[1]) + spatial,
+                                     dtype=torch.float32, device=acc_device)
+        outputs = outputs.to(device=acc_device, dtype=torch.float32)
+        for (b, window), output in zip(batch, outputs):
+            output_sum[(b, slice(None)) + window.target] += output[(slice(None),) + window.crop] * weights[window.crop]
+    output_sum /= weight_sum
+    return output_sum.to(volume.device)
+
+
+@torch.no_grad()
+def predict_full_volume(model: Callable[..., torch.Tensor], condition: torch.Tensor,
+                        constraints: torch.Tensor, schedule, patch_size: Size3 = 128,
+                        overlap: Size3 = 32, ddim_steps: int = 50, mode: str = "synchronous",
+                        eta: float = 0.0, batch_size: int = 1,
+                        generator: Optional[torch.Generator] = None, progress: bool = False,
+                        sigma_scale: float = 0.125,
+                        accumulate_device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+    """Sample a whole-volume dose with a patch-trained diffusion model (DDIM).
+
+    Args:
+        model: noise predictor called as ``model(torch.cat([x_t, condition], 1), t, constraints)``
+            with windows (N, 1 + C_cond, px, py, pz), t (N,) long, constraints (N, K); put it in
+            eval mode (and under autocast if wanted) before calling.
+        condition: (B, C_cond, X, Y, Z) conditioning channels (CT, SDFs) on the model's device.
+        constraints: (B, K) conditioning vectors.
+        schedule: the ``NoiseSchedule`` the model was trained with.
+        patch_size, overlap, batch_size, sigma_scale, accumulate_device: as in
+            ``sliding_window_inference``.
+        ddim_steps, eta: DDIM steps and stochasticity (0 = deterministic DDIM).
+        mode: ``"synchronous"`` (one DDIM step on the whole volume per step, window noise
+            predictions blended; neighbours agree) or ``"per_window"`` (independent DDIM runs
+            per window, final x0 windows blended). See the module docstring.
+        generator: torch.Generator for x_T (and eta > 0 noise) for reproducible samples.
+        progress: tqdm bar over DDIM steps (synchronous) or window batches (per_window).
+
+    Returns:
+        x0 estimate (B, 1, X, Y, Z) float32 in model units [-1, 1] on the condition's device;
+        convert with ``conventions.unit_to_dose``.
+    """
+    _check_volume(condition, "condition")
+    n_volumes = condition.shape[0]
+    if not torch.is_tensor(constraints) or constraints.ndim != 2 or constraints.shape[0] != n_volumes:
+        raise ValueError(f"constraints must be a (B={n_volumes}, K) tensor, got {_describe(constraints)}")
+    if mode not in PREDICT_MODES:
+        raise ValueError(f"mode must be one of {PREDICT_MODES}, got {mode!r}")
+    sampler = DDIMSampler(schedule, steps=ddim_steps, eta=eta)
+    window_options = dict(patch_size=patch_size, overlap=overlap, batch_size=batch_size,
+                          sigma_scale=sigma_scale, accumulate_device=accumulate_device)
+    if mode == "per_window":
+        return _predict_per_window(model, condition, constraints, sampler, generator, progress,
+                                   window_options)
+    return _predict_synchronous(model, condition, constraints, sampler, generator, progress,
+                                window_options)
+
+
+def _predict_per_window(model, condition, constraints, sampler, generator, progress, window_options):
+    """Independent DDIM run per window (own x_T), final x0 windows blended."""
+    def sample_windows(condition_windows, constraint_rows):
+        return sampler.sample(model, condition_windows, constraint_rows, generator=generator)
+
+    return sliding_window_inference(condition, sample_windows, progress=progress,
+                                    volume_args=(constraints,), **window_options)
+
+
+def _predict_synchronous(model, condition, constraints, sampler, generator, progress, window_options):
+    """One full-volume DDIM trajectory; each step's eps is the Gaussian blend of the windows'."""
+    patch = _as_triple(window_options["patch_size"], "patch_size")
+    spatial = tuple(condition.shape[2:])
+    padding = [_centred_padding(size, p) for size, p in zip(spatial, patch)]
+    # Pad the whole problem (once) to at least one window, so that a short axis gets fresh
+    # noise of its own instead of replicated noise; the condition is padded by replication.
+    condition = _pad(condition.to(torch.float32), padding)
+    x_t = _randn((condition.shape[0], 1) + tuple(condition.shape[2:]), generator, condition.device)
+    # One buffer holds [x_t, condition]: windows are sliced from it, and each step only
+    # rewrites the x_t channel instead of concatenating the whole condition again.
+    model_input = torch.cat([x_t, condition], dim=1)
+    del x_t, condition
+    for t, t_prev in tqdm(sampler.pairs(), total=len(sampler), desc="DDIM steps", disable=not progress):
+        def predict_eps(windows, constraint_rows, t=t):
+            t_batch = torch.full((windows.shape[0],), t, dtype=torch.long, device=windows.device)
+            return model(windows, t_batch, constraint_rows)
+
+        eps = sliding_window_inference(model_input, predict_eps, volume_args=(constraints,),
+                                       **window_options)
+        model_input[:, :1] = sampler.step(eps, t, t_prev, model_input[:, :1], generator=generator)
+    return _crop(model_input[:, :1], padding).to(torch.float32).contiguous()
+
+
+class _Window:
+    """One window: where it reads the volume, how it is padded, where its output goes."""
+
+    def __init__(self, starts: Tuple[int, int, int], spatial: Tuple[int, int, int],
+                 patch: Tuple[int, int, int]):
+        source, crop, pads = [], [], []
+        for start, size, p in zip(starts, spatial, patch):
+            before = _centred_padding(size, p)[0]
+            lo, hi = max(0, start - before), min(size, start - before + p)
+            pad_lo = lo - (start - before)
+            source.append(slice(lo, hi))
+            crop.append(slice(pad_lo, pad_lo + hi - lo))
+            pads.append((pad_lo, p - pad_lo - (hi - lo)))
+        self.target = tuple(source)  # voxels of the volume this window reads and writes
+        self.crop = tuple(crop)  # the part of the window's output that lies inside the volume
+        self.padding = pads
+
+    def extract(self, volume: torch.Tensor) -> torch.Tensor:
+        """(C, X, Y, Z) volume -> (C, px, py, pz) window (a copy, replicate-padded if needed)."""
+        window = volume[(slice(None),) + self.target]
+        if any(lo or hi for lo, hi in self.padding):
+            return _pad(window[None], self.padding)[0]
+        return window
+
+
+def _window_grid(spatial, patch, overlaps) -> List[_Window]:
+    starts = [window_starts(s, p, o) for s, p, o in zip(spatial, patch, overlaps)]
+    return [_Window((x, y, z), spatial, patch) for x in starts[0] for y in starts[1] for z in starts[2]]
+
+
+def _centred_padding(size: int, patch: int) -> Tuple[int, int]:
+    """(before, after) voxels that centre an axis shorter than the patch in it."""
+    missing = max(0, patch - size)
+    return missing // 2, missing - missing // 2
+
+
+def _pad(volume: torch.Tensor, padding) -> torch.Tensor:
+    """Replicate-pad a (B, C, X, Y, Z) tensor by ((x0, x1), (y0, y1), (z0, z1)) voxels."""
+    if not any(lo or hi for lo, hi in padding):
+        return volume
+    flat = [amount for lo_hi in reversed(padding) for amount in lo_hi]  # F.pad wants last axis first
+    return F.pad(volume, flat, mode="replicate")
+
+
+def _crop(volume: torch.Tensor, padding) -> torch.Tensor:
+    index = tuple(slice(lo, volume.shape[2 + axis] - hi) for axis, (lo, hi) in enumerate(padding))
+    return volume[(slice(None), slice(None)) + index]
+
+
+def _randn(shape, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """Standard normal float32 noise on ``device``, drawn on the generator's device."""
+    draw_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=draw_device, dtype=torch.float32).to(device)
+
+
+def _as_triple(value: Size3, name: str, minimum: int = 1) -> Tuple[int, int, int]:
+    values = (value,) * 3 if isinstance(value, int) else tuple(value)
+    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+                                   for v in values):
+        raise ValueError(f"{name} must be an int >= {minimum} or a 3-tuple of them, got {value!r}")
+    return values
+
+
+def _check_volume(volume, name: str) -> None:
+    if not torch.is_tensor(volume):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, X, Y, Z), got {type(volume).__name__}")
+    if volume.ndim != 5:
+        raise ValueError(f"{name} must have shape (B, C, X, Y, Z), got shape {tuple(volume.shape)}")
+
+
+def _check_prediction(outputs, n_windows: int, patch) -> None:
+    if (not torch.is_tensor(outputs) or outputs.ndim != 5 or outputs.shape[0] != n_windows
+            or tuple(outputs.shape[2:]) != tuple(patch)):
+        raise ValueError(f"predictor must return (N={n_windows}, C_out, {patch[0]}, {patch[1]}, "
+                         f"{patch[2]}), got {_describe(outputs)}")
+
+
+def _describe(value) -> str:
+    return f"shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
