@@ -156,7 +156,7 @@ def dvh_metrics(dose, mask, spacing_mm, v_doses_gy: Iterable[float] = ()) -> Dic
     return metrics
 
 
-@dataclass
+@dataclass(eq=False)  # array fields: element-wise == would be ambiguous
 class DVH:
     """Cumulative DVH of one structure.
 

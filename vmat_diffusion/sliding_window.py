@@ -31,6 +31,7 @@ Both modes make the same number of model calls (windows x steps).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -52,10 +53,11 @@ def window_starts(size: int, patch: int, overlap: int) -> List[int]:
     An axis shorter than (or as long as) the patch gets one window, ``[0]``.
     """
     for name, value in (("size", size), ("patch", patch)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(overlap, int) or not 0 <= overlap < patch:
+    if not isinstance(overlap, numbers.Integral) or isinstance(overlap, bool) or not 0 <= overlap < patch:
         raise ValueError(f"overlap must be an int in [0, patch={patch}), got {overlap!r}")
+    size, patch, overlap = int(size), int(patch), int(overlap)
     if size <= patch:
         return [0]
     span = size - patch
@@ -185,6 +187,9 @@ def predict_full_volume(model: Callable[..., torch.Tensor], condition: torch.Ten
         generator: torch.Generator for x_T (and eta > 0 noise) for reproducible samples.
         progress: tqdm bar over DDIM steps (synchronous) or window batches (per_window).
 
+    Axes shorter than the patch: the condition is replicate-padded (centred, as in
+    ``sliding_window_inference``), x_t gets noise of its own there, and the result is cropped.
+
     Returns:
         x0 estimate (B, 1, X, Y, Z) float32 in model units [-1, 1] on the condition's device;
         convert with ``conventions.unit_to_dose``.
@@ -294,11 +299,11 @@ def _randn(shape, generator: Optional[torch.Generator], device: torch.device) ->
 
 
 def _as_triple(value: Size3, name: str, minimum: int = 1) -> Tuple[int, int, int]:
-    values = (value,) * 3 if isinstance(value, int) else tuple(value)
-    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+    values = (value,) * 3 if isinstance(value, numbers.Integral) else tuple(value)
+    if len(values) != 3 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
                                    for v in values):
         raise ValueError(f"{name} must be an int >= {minimum} or a 3-tuple of them, got {value!r}")
-    return values
+    return tuple(int(v) for v in values)
 
 
 def _check_volume(volume, name: str) -> None:

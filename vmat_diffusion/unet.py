@@ -169,7 +169,7 @@ class SimpleUNet3D(nn.Module):
     Default input channels: noisy dose x_t + CT + 8 structure SDFs = 10.
 
     Parameter counts (defaults: in_channels=10, out_channels=1, levels=4, constraint_dim=13,
-    time_dim=128, embed_dim=128): base_channels=32 -> 7,286,625; base_channels=48 -> 16,174,945.
+    time_dim=128, embed_dim=128): base_channels=32 -> 10,040,417; base_channels=48 -> 22,145,105.
     """
 
     def __init__(
@@ -237,7 +237,7 @@ class BaselineUNet3D(nn.Module):
     The output layer is zero-initialised: training starts from a constant-0 prediction.
 
     Parameter counts (defaults: in_channels=9, out_channels=1, levels=4, constraint_dim=13,
-    embed_dim=128): base_channels=32 -> 7,178,721; base_channels=48 -> 16,028,577.
+    embed_dim=128): base_channels=32 -> 9,760,737; base_channels=48 -> 21,742,097.
     """
 
     def __init__(
@@ -266,7 +266,9 @@ class BaselineUNet3D(nn.Module):
         )
         self.constraint_dim = constraint_dim
         self.constraint_mlp = embedding_mlp(constraint_dim, embed_dim)
-        self.backbone = UNet3DBackbone(in_channels, out_channels, base_channels, levels, embed_dim, groups, use_checkpoint)
+        self.backbone = UNet3DBackbone(
+            in_channels, out_channels, base_channels, levels, embed_dim, groups, use_checkpoint
+        )
 
     @property
     def size_multiple(self) -> int:
