@@ -222,3 +222,12 @@ def test_saved_file_loads_without_pickle_in_plain_numpy(tmp_path):
     path = save_case(tmp_path / "c.npz", tiny_case())
     with np.load(path, allow_pickle=False) as z:
         assert json.loads(str(z["metadata"]))["case_id"] == "c1"
+
+
+def test_saved_file_has_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_case(tmp_path / "c.npz", tiny_case())
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
