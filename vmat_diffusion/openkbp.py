@@ -131,6 +131,12 @@ def _locate_error(path: Path, n_voxels: int, is_mask: bool) -> OpenKBPFormatErro
     return OpenKBPFormatError(path, None, "could not be parsed as a sparse CSV")
 
 
+def _all_values_empty(path: Path, n_lines: int) -> bool:
+    """True when each of the ``n_lines`` data lines of a mask file is ``<index>,`` (one comma, at the end)."""
+    body = path.read_bytes().replace(b"\r", b"").split(b"\n", 1)[-1]
+    return body.count(b",") == n_lines and body.count(b",\n") + body.endswith(b",") == n_lines
+
+
 def read_sparse_csv(path, shape: Sequence[int] = OPENKBP_SHAPE) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Read one OpenKBP sparse CSV.
 
@@ -159,7 +165,8 @@ def read_sparse_csv(path, shape: Sequence[int] = OPENKBP_SHAPE) -> Tuple[np.ndar
     except ValueError:
         raise _locate_error(path, n_voxels, is_mask) from None
     bad_range = indices.size and (indices.min() < 0 or indices.max() >= n_voxels)
-    if bad_range or (values is not None and not np.isfinite(values).all()):
+    bad_values = not np.isfinite(values).all() if values is not None else not _all_values_empty(path, indices.size)
+    if bad_range or bad_values:
         raise _locate_error(path, n_voxels, is_mask)
     return indices, (values.astype(np.float32) if values is not None else None)
 
@@ -276,10 +283,11 @@ def structure_sdf(mask: np.ndarray, spacing_mm: Sequence[float], clip_mm: float 
 def openkbp_to_case(patient: OpenKBPPatient, case_id: Optional[str] = None, split: Optional[str] = None) -> Case:
     """Convert an ``OpenKBPPatient`` to a validated ``Case`` in the package's X/Y/Z convention.
 
-    CT -> HU -> ``normalize_ct``; dose in Gy; structures ``HEAD_NECK_STRUCTURES`` as SDFs
-    (``structure_sdf``, equal to ``conventions.mask_to_sdf``; absent ones all SDF_ABSENT); the possible-dose mask kept as
-    ``extras['possible_dose_mask']`` (uint8, X, Y, Z). ``split`` defaults to the name of the
-    patient folder's parent (e.g. ``train-pats``).
+    CT: stored values clipped to [0, 4095], HU = value - 1024, then ``normalize_ct``. Dose in Gy.
+    Structures ``HEAD_NECK_STRUCTURES`` as SDFs (``structure_sdf``, equal to
+    ``conventions.mask_to_sdf``; an absent structure is SDF_ABSENT everywhere). The possible-dose
+    mask is kept as ``extras['possible_dose_mask']`` (uint8, X, Y, Z). ``case_id`` defaults to the
+    folder name (``pt_2``), ``split`` to the name of its parent folder (e.g. ``train-pats``).
     """
     if not isinstance(patient, OpenKBPPatient):
         raise TypeError(f"patient must be an OpenKBPPatient, got {type(patient).__name__}")
