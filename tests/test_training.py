@@ -1,0 +1,317 @@
+"""Training pieces: split, seeded patches, losses, train_step, EMA, validation, NaN guard, early stop."""
+import math
+
+import pytest
+import torch
+
+from vmat_diffusion.case import load_case
+from vmat_diffusion.phantom import write_phantoms
+from vmat_diffusion.schedule import NoiseSchedule
+from vmat_diffusion.training import loop
+from vmat_diffusion.training import losses as losses_module
+from vmat_diffusion.training.checkpoint import load_checkpoint, non_finite_tensors
+from vmat_diffusion.training.config import TrainConfig
+from vmat_diffusion.training.data import (CaseReader, EpochSampler, PatchDataset, micro_batches, scan_cases,
+                                          split_cases, split_counts)
+from vmat_diffusion.training.ema import EMA
+from vmat_diffusion.training.losses import Objective, diffusion_loss, noise_loss, regression_loss
+from vmat_diffusion.training.loop import (NonFiniteLossError, Trainer, ValidationResult, cosine_lr,
+                                          make_optimizer, new_model, train_step, validate)
+
+N_STRUCT, K = 8, 13
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(folder, 5, shape=(32, 32, 32), spacing_mm=(8.0, 8.0, 8.0), seed=3)
+    return folder
+
+
+def tiny_config(data_dir, tmp_path, **overrides):
+    values = dict(data_dir=str(data_dir), log_dir=str(tmp_path), exp_name="run", epochs=2, patch_size=16,
+                  base_channels=4, levels=2, num_workers=0, val_split=0.2, test_split=0.2, lr=1e-3,
+                  precision="32", gamma_subsample=2, val_overlap=0, progress=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def random_batch(batch=2, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"ct": torch.rand(batch, 1, size, size, size, generator=g),
+            "masks_sdf": torch.rand(batch, N_STRUCT, size, size, size, generator=g) * 2 - 1,
+            "dose": torch.rand(batch, 1, size, size, size, generator=g) * 70,
+            "constraints": torch.rand(batch, K, generator=g)}
+
+
+# --------------------------------------------------------------------------- schedule and split
+
+
+def test_cosine_lr_warmup_and_decay():
+    assert cosine_lr(0, 1e-3, 1e-5, 10, 100) == pytest.approx(1e-4)
+    assert cosine_lr(9, 1e-3, 1e-5, 10, 100) == pytest.approx(1e-3)
+    assert cosine_lr(55, 1e-3, 1e-5, 10, 100) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert cosine_lr(100, 1e-3, 1e-5, 10, 100) == pytest.approx(1e-5)
+    lrs = [cosine_lr(s, 1e-3, 0.0, 0, 50) for s in range(50)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_split_is_deterministic_disjoint_and_recorded(phantom_dir):
+    catalog = scan_cases(phantom_dir)
+    assert catalog.structures and catalog.constraint_dim == K
+    a = split_cases(catalog.cases, 0.2, 0.2, seed=42)
+    b = split_cases(list(reversed(catalog.cases)), 0.2, 0.2, seed=42)
+    assert a.ids() == b.ids()
+    ids = a.ids()
+    assert (len(ids["train"]), len(ids["val"]), len(ids["test"])) == (3, 1, 1)
+    assert len(set(ids["train"]) | set(ids["val"]) | set(ids["test"])) == 5
+    others = {tuple(split_cases(catalog.cases, 0.2, 0.2, seed=s).ids()["val"]) for s in range(10)}
+    assert len(others) > 1  # the seed matters
+
+
+def test_split_counts_need_a_training_case():
+    assert split_counts(100, 0.1, 0.1) == (80, 10, 10)
+    assert split_counts(10, 0.1, 0.0) == (9, 1, 0)
+    with pytest.raises(ValueError, match="too few"):
+        split_counts(2, 0.1, 0.1)
+
+
+def test_epoch_sampler_shards_evenly():
+    keys = [list(EpochSampler(5, seed=1, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == 3
+    assert {k[2] for k in keys[0] + keys[1]} == set(range(5))
+    sampler = EpochSampler(5, seed=1)
+    sampler.set_epoch(1)
+    first = [k[2] for k in sampler]
+    sampler.set_epoch(2)
+    second = [k[2] for k in sampler]
+    sampler.set_epoch(1)
+    assert [k[2] for k in sampler] == first and sorted(first) == sorted(second) == list(range(5))
+
+
+def test_patch_items_depend_only_on_the_key(phantom_dir):
+    catalog = scan_cases(phantom_dir)
+    reader = CaseReader([c.path for c in catalog.cases])
+    dataset = PatchDataset(reader, catalog.structures, patch_size=16, patches_per_volume=3, seed=7)
+    a, b = dataset[(1, 0, 2)], dataset[(1, 0, 2)]
+    assert a["ct"].shape == (3, 1, 16, 16, 16) and a["masks_sdf"].shape == (3, N_STRUCT, 16, 16, 16)
+    assert a["constraints"].shape == (3, K)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = dataset[(2, 0, 2)]
+    assert not torch.equal(a["dose"], c["dose"])
+
+
+def test_micro_batches_cut_the_patch_stream():
+    items = [{k: v[:3] for k, v in random_batch(3, 4, seed=i).items()} for i in range(3)]
+    batches = list(micro_batches(items, 2))
+    assert [b["ct"].shape[0] for b in batches] == [2, 2, 2, 2, 1]
+    assert torch.equal(torch.cat([b["dose"] for b in batches]), torch.cat([i["dose"] for i in items]))
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_regression_loss_and_negative_penalty():
+    target = torch.rand(2, 1, 4, 4, 4)
+    assert float(regression_loss(target, target).total) == 0.0
+    negative = -torch.ones(2, 1, 4, 4, 4)
+    parts = regression_loss(negative, torch.zeros_like(negative), penalty_weight=0.1)
+    assert float(parts.penalty) == pytest.approx(1.0)
+    assert float(parts.total) == pytest.approx(1.1)
+
+
+def test_diffusion_penalty_is_well_conditioned_at_high_noise():
+    """The penalty on x0_hat is weighted by alpha-bar, so at t = T-1 its gradient stays ~ the MSE's."""
+    schedule = NoiseSchedule(1000, "cosine")
+    x0 = -torch.ones(1, 1, 4, 4, 4)  # 0 Gy everywhere: any downward eps error makes x0_hat negative
+    noise = torch.randn(1, 1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999])
+    x_t = schedule.add_noise(x0, noise, t)
+    eps_hat = (noise + 0.5).requires_grad_(True)
+    parts = noise_loss(eps_hat, noise, x_t, t, schedule, penalty_weight=0.1)
+    parts.total.backward()
+    amplification = float(1 / schedule.alpha_bar(999).sqrt())
+    assert amplification > 1e4  # the unweighted penalty would be this badly conditioned
+    assert float(parts.penalty.detach()) <= float(parts.mse.detach())
+    assert float(eps_hat.grad.abs().max()) < 1.0
+
+
+def test_diffusion_loss_uses_the_generator():
+    torch.manual_seed(0)
+    model = new_model("ddpm", N_STRUCT, K, 4, 2)
+    schedule = NoiseSchedule(100)
+    batch = random_batch()
+    with torch.no_grad():
+        losses = [float(diffusion_loss(model, batch, schedule, 70.0, generator=torch.Generator().manual_seed(s)).total)
+                  for s in (1, 1, 2)]
+    assert losses[0] == losses[1] != losses[2]
+
+
+# --------------------------------------------------------------------------- step, EMA
+
+
+def test_train_step_lowers_the_loss():
+    torch.manual_seed(0)
+    model = new_model("baseline", N_STRUCT, K, 4, 2)
+    optimizer = make_optimizer(model, lr=3e-3)
+    objective = Objective("baseline", 70.0)
+    batch = random_batch()
+    first = train_step(model, [batch], optimizer, objective)
+    for _ in range(15):
+        last = train_step(model, [batch], optimizer, objective)
+    assert first.finite and last.finite and last.loss < 0.7 * first.loss
+
+
+def test_accumulation_equals_one_big_batch():
+    objective = Objective("baseline", 70.0, penalty_weight=0.0)
+    batch = random_batch(4)
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    grads = []
+    for batches in ([batch], halves):
+        torch.manual_seed(0)
+        model = new_model("baseline", N_STRUCT, K, 4, 2)
+        with torch.no_grad():  # the output layer starts at 0; make every layer receive gradient
+            for p in model.parameters():
+                p.add_(0.01)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        train_step(model, batches, optimizer, objective, clip=None)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_non_finite_step_changes_nothing():
+    torch.manual_seed(0)
+    model = new_model("baseline", N_STRUCT, K, 4, 2)
+    optimizer = make_optimizer(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = random_batch()
+    batch["dose"][0, 0, 0, 0, 0] = float("nan")
+    result = train_step(model, [batch], optimizer, Objective("baseline", 70.0))
+    assert not result.finite and math.isnan(result.loss)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_ema_follows_with_warmup():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(1.0)
+    ema.update(model)  # first decay = min(0.9, 1/10) = 0.1
+    start = EMA(torch.nn.Linear(2, 1), 0.9)
+    assert ema.num_updates == 1
+    for _ in range(200):
+        ema.update(model)
+    assert torch.allclose(ema.module.weight, torch.ones(1, 2), atol=1e-6)
+    assert not any(p.requires_grad for p in ema.module.parameters()) and start.current_decay() == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_validate_whole_volume(phantom_dir):
+    case = load_case(sorted(phantom_dir.glob("*.npz"))[0])
+    torch.manual_seed(0)
+    model = new_model("baseline", N_STRUCT, K, 4, 2)
+    result = validate(model, [case], Objective("baseline", 70.0), patch_size=16, overlap=4, gamma_subsample=2)
+    assert result.loss_count == result.mae_count == 1
+    mask = case.extras["possible_dose_mask"] > 0
+    # the untrained model outputs 0 everywhere: its MAE is the mean dose inside the mask
+    assert result.mae_gy == pytest.approx(float(case.dose[mask].mean()), rel=1e-4)
+    assert result.gamma is not None and 0.0 <= result.gamma <= 100.0
+    ct, ref, pred = result.example
+    assert ct.shape == ref.shape == pred.shape == case.shape
+
+
+def test_validate_ddpm_samples_only_the_first_case(phantom_dir):
+    cases = [load_case(p) for p in sorted(phantom_dir.glob("*.npz"))[:2]]
+    torch.manual_seed(0)
+    model = new_model("ddpm", N_STRUCT, K, 4, 2)
+    objective = Objective("ddpm", 70.0, schedule=NoiseSchedule(20))
+    kwargs = dict(patch_size=16, overlap=4, ddim_steps=2, gamma_subsample=None, sample_cases=1)
+    result = validate(model, cases, objective, **kwargs)
+    again = validate(model, cases, objective, **kwargs)
+    assert result.loss_count == 2 and result.mae_count == 1 and result.gamma is None
+    assert result.loss == again.loss and result.mae_gy == again.mae_gy  # fixed noise per case
+
+
+# --------------------------------------------------------------------------- the Trainer
+
+
+def test_trainer_ddpm_with_ema(phantom_dir, tmp_path):
+    cfg = tiny_config(phantom_dir, tmp_path, model="ddpm", epochs=1, timesteps=20, ddim_steps=2,
+                      accumulate_grad_batches=2)
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    assert summary["epochs_completed"] == 1 and summary["final_val_mae_gy"] is not None
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert checkpoint["model_kind"] == "ddpm" and checkpoint["ema"] is not None
+    assert checkpoint["schedule"] == {"timesteps": 20, "schedule": "cosine"}
+    # 3 cases x 4 patches / batch 2 = 6 micro-batches -> 3 optimizer steps of 2
+    assert checkpoint["global_step"] == 3 and checkpoint["ema"]["num_updates"] == 3
+
+
+def test_nan_loss_stops_the_run_without_a_checkpoint(phantom_dir, tmp_path, monkeypatch):
+    real_loss = losses_module.baseline_loss
+    calls = {"n": 0}
+
+    def loss_that_breaks(*args, **kwargs):
+        calls["n"] += 1
+        parts = real_loss(*args, **kwargs)
+        if calls["n"] == 8:  # epoch 2 (6 steps per epoch), its 2nd step
+            parts.total = parts.total * float("nan")
+        return parts
+
+    monkeypatch.setattr(losses_module, "baseline_loss", loss_that_breaks)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 2 step 8"):
+        Trainer(tiny_config(phantom_dir, tmp_path)).fit()
+    folder = tmp_path / "run" / "checkpoints"
+    last = load_checkpoint(folder / "last.ckpt")
+    assert last["epoch"] == 1 and not non_finite_tensors(last["model"])
+    assert all("epoch=002" not in p.name for p in folder.iterdir())
+    summary = (tmp_path / "run" / "training_summary.json").read_text()
+    assert "non-finite loss at epoch 2 step 8" in summary
+
+
+def test_nan_loss_skipped_by_flag(phantom_dir, tmp_path, monkeypatch):
+    real_loss = losses_module.baseline_loss
+    calls = {"n": 0}
+
+    def loss_that_breaks(*args, **kwargs):
+        calls["n"] += 1
+        parts = real_loss(*args, **kwargs)
+        if calls["n"] == 2:
+            parts.total = parts.total + float("inf")
+        return parts
+
+    monkeypatch.setattr(losses_module, "baseline_loss", loss_that_breaks)
+    summary = Trainer(tiny_config(phantom_dir, tmp_path, epochs=1, skip_nonfinite=True)).fit()
+    assert summary["global_steps"] == 5  # 6 micro-batches, one skipped
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert not non_finite_tensors(last["model"])
+
+
+def test_early_stopping_and_best_three(phantom_dir, tmp_path, monkeypatch):
+    maes = iter([3.0, 2.0, 2.5, 1.0, 1.5, 1.6, 1.7, 9.0])
+
+    def fake_validate(*args, **kwargs):
+        return ValidationResult(loss_sum=1.0, loss_count=1, mae_sum=next(maes), mae_count=1)
+
+    monkeypatch.setattr(loop, "validate", fake_validate)
+    summary = Trainer(tiny_config(phantom_dir, tmp_path, epochs=8, patience=3)).fit()
+    assert summary["early_stopped"] and summary["epochs_completed"] == 7
+    assert summary["best_val_mae_gy"] == 1.0 and summary["best_epoch"] == 4
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["best-epoch=004-val_mae_gy=1.00.ckpt", "best-epoch=005-val_mae_gy=1.50.ckpt",
+                     "best-epoch=006-val_mae_gy=1.60.ckpt", "last.ckpt"]
+
+
+def test_config_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="patch_size"):
+        TrainConfig(data_dir="x", patch_size=20, levels=4).validate()
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(data_dir="x", lr=-1.0).validate()
+    with pytest.raises(ValueError, match="val_split"):
+        TrainConfig(data_dir="x", val_split=0.6, test_split=0.5).validate()
+    with pytest.raises(ValueError, match="model"):
+        TrainConfig(data_dir="x", model="gan").validate()

@@ -1,0 +1,273 @@
+"""Cases -> split -> patches -> augmentation -> micro-batches, all seeded.
+
+Randomness without hidden state
+-------------------------------
+Nothing random in the data path keeps state across epochs: the case order of epoch ``e`` on
+rank ``r`` comes from ``SeedSequence([seed, e, r])`` and the patches and augmentation of the
+``i``-th item of that epoch from ``SeedSequence([seed, e, r, i])``. A resumed run therefore
+draws exactly the patches the uninterrupted run would have drawn, whatever the number of
+DataLoader workers, and no generator object has to be pickled into a checkpoint.
+
+Items and batches
+-----------------
+One dataset item is one case: its ``patches_per_volume`` patches, each augmented, stacked to
+``ct`` (P, 1, p, p, p), ``masks_sdf`` (P, S, p, p, p), ``dose`` (P, 1, p, p, p) in Gy and
+``constraints`` (P, K). ``micro_batches`` cuts the stream of patches into batches of
+``batch_size`` patches (the last one of an epoch may be smaller; a batch can hold patches of
+two cases when ``batch_size`` does not divide ``patches_per_volume``). Whole volumes are read
+per item and not kept in RAM unless ``cache_cases`` is set (or the memory-mapped store is used).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..case import Case, CaseFormatError, find_cases, load_case
+from ..patches import PatchSampler
+
+BATCH_KEYS = ("ct", "masks_sdf", "dose", "constraints")
+
+
+def derive_seed(*values: int) -> int:
+    """A 63-bit seed that depends on every value (numpy SeedSequence hashing)."""
+    state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def item_rng(seed: int, epoch: int, rank: int, position: int) -> np.random.Generator:
+    """The generator for the ``position``-th item of ``epoch`` on ``rank``."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, rank, position]))
+
+
+# --------------------------------------------------------------------------- scanning and splitting
+
+
+@dataclass
+class CaseInfo:
+    """What the trainer needs to know about one case file without keeping its arrays."""
+    path: Path
+    case_id: str
+    shape: Tuple[int, int, int]
+    structures: List[str]
+    constraint_dim: int
+    spacing_mm: Tuple[float, float, float]
+    rx_dose_gy: float
+
+
+@dataclass
+class CaseCatalog:
+    """All cases of a data folder, checked to share structures and constraint size."""
+    cases: List[CaseInfo]
+    structures: List[str]
+    constraint_dim: int
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+
+def scan_cases(data_dir, progress: bool = False) -> CaseCatalog:
+    """Load and validate every ``*.npz`` case in ``data_dir``.
+
+    Raises FileNotFoundError for a missing folder, ValueError for a folder without cases or
+    cases that disagree on structures / constraint size, CaseFormatError for a broken case.
+    """
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data_dir: {folder} is not a folder")
+    paths = find_cases(folder)
+    if not paths:
+        raise ValueError(f"data_dir: no case files (*.npz) in {folder}")
+    from tqdm.auto import tqdm
+    infos: List[CaseInfo] = []
+    for path in tqdm(paths, desc="checking cases", disable=not progress):
+        case = load_case(path)
+        info = CaseInfo(path=path, case_id=case.case_id, shape=case.shape, structures=case.structures,
+                        constraint_dim=int(case.constraints.shape[0]), spacing_mm=case.spacing_mm,
+                        rx_dose_gy=case.rx_dose_gy)
+        if infos:
+            _check_consistent(infos[0], info)
+        infos.append(info)
+    ids = [info.case_id for info in infos]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"data_dir: duplicate case_id(s) {duplicates} in {folder}")
+    return CaseCatalog(cases=infos, structures=list(infos[0].structures), constraint_dim=infos[0].constraint_dim)
+
+
+def _check_consistent(first: CaseInfo, other: CaseInfo) -> None:
+    if other.structures != first.structures:
+        raise CaseFormatError(other.path, "metadata", f"structures {other.structures} differ from "
+                              f"{first.structures} of {first.path.name}; all cases must share one channel order")
+    if other.constraint_dim != first.constraint_dim:
+        raise CaseFormatError(other.path, "constraints", f"has {other.constraint_dim} entries, "
+                              f"{first.path.name} has {first.constraint_dim}")
+
+
+@dataclass
+class CaseSplit:
+    train: List[CaseInfo]
+    val: List[CaseInfo]
+    test: List[CaseInfo] = field(default_factory=list)
+
+    def ids(self) -> Dict[str, List[str]]:
+        return {name: [c.case_id for c in getattr(self, name)] for name in ("train", "val", "test")}
+
+
+def split_counts(n_cases: int, val_split: float, test_split: float) -> Tuple[int, int, int]:
+    """(train, val, test) counts: val and test get ``round(n x fraction)``, at least 1 each when
+    their fraction is > 0; training must keep at least one case."""
+    n_val = max(1, round(n_cases * val_split)) if val_split > 0 else 0
+    n_test = max(1, round(n_cases * test_split)) if test_split > 0 else 0
+    n_train = n_cases - n_val - n_test
+    if n_train < 1:
+        raise ValueError(f"data_dir: {n_cases} case(s) are too few for val_split={val_split} and "
+                         f"test_split={test_split} (needs {n_val} validation + {n_test} test + 1 training case)")
+    return n_train, n_val, n_test
+
+
+def split_cases(cases: Sequence[CaseInfo], val_split: float = 0.1, test_split: float = 0.1,
+                seed: int = 42) -> CaseSplit:
+    """Deterministic split: cases sorted by case_id, shuffled with ``seed``, cut into
+    test, validation and training parts (in that order); each part sorted by case_id."""
+    ordered = sorted(cases, key=lambda c: c.case_id)
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    shuffled = [ordered[i] for i in order]
+    n_train, n_val, n_test = split_counts(len(shuffled), val_split, test_split)
+    test = shuffled[:n_test]
+    val = shuffled[n_test:n_test + n_val]
+    train = shuffled[n_test + n_val:]
+    by_id = lambda part: sorted(part, key=lambda c: c.case_id)  # noqa: E731
+    return CaseSplit(train=by_id(train), val=by_id(val), test=by_id(test))
+
+
+# --------------------------------------------------------------------------- reading cases
+
+
+class CaseReader:
+    """Case ``i`` of a list of files: read from the ``.npz`` each time (default), from RAM
+    (``cache=True``: all loaded once) or memory-mapped from the case store (``store=True``)."""
+
+    def __init__(self, paths: Sequence[Path], cache: bool = False, store: bool = False):
+        self.paths = [Path(p) for p in paths]
+        self._cases: Optional[List[Case]] = None
+        if store:
+            from ..store import open_cases
+            self._cases = list(open_cases(self.paths))
+        elif cache:
+            self._cases = [load_case(p) for p in self.paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Case:
+        if self._cases is not None:
+            return self._cases[index]
+        return load_case(self.paths[index])
+
+
+# --------------------------------------------------------------------------- training patches
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, position, case_index)`` keys for one rank's share of an epoch.
+
+    The case order is a permutation of all training cases drawn from (seed, epoch); rank ``r``
+    takes positions ``r::world_size`` of it (padded so all ranks get the same count). Call
+    ``set_epoch`` before iterating.
+    """
+
+    def __init__(self, n_cases: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        if n_cases < 1:
+            raise ValueError("EpochSampler needs at least one training case")
+        self.n_cases, self.seed, self.rank, self.world_size, self.shuffle = n_cases, seed, rank, world_size, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_cases / self.world_size)
+
+    def __iter__(self) -> Iterator[Tuple[int, int, int]]:
+        if self.shuffle:
+            order = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch])).permutation(self.n_cases)
+        else:
+            order = np.arange(self.n_cases)
+        padded = [int(order[i % self.n_cases]) for i in range(len(self) * self.world_size)]
+        for position, case_index in enumerate(padded[self.rank::self.world_size]):
+            yield self.epoch, position, case_index
+
+
+class PatchDataset(Dataset):
+    """Item ``(epoch, position, case_index)`` -> the case's augmented patches, stacked (see module doc)."""
+
+    def __init__(self, reader: CaseReader, structures: Sequence[str], patch_size: int, patches_per_volume: int,
+                 seed: int, rank: int = 0, augment: bool = True):
+        self.reader = reader
+        self.structures = list(structures)
+        self.seed, self.rank, self.augment = int(seed), int(rank), bool(augment)
+        self.sampler = PatchSampler(patch_size=patch_size, patches_per_volume=patches_per_volume)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, key) -> Dict[str, torch.Tensor]:
+        epoch, position, case_index = key
+        rng = item_rng(self.seed, epoch, self.rank, position)
+        case = self.reader[case_index]
+        self.sampler.rng = rng
+        patches = self.sampler.sample(case)
+        if self.augment:
+            from ..augment import augment
+            patches = [augment(patch, self.structures, rng) for patch in patches]
+        constraints = torch.from_numpy(np.asarray(case.constraints, dtype=np.float32))
+        return {
+            "ct": torch.stack([p["ct"] for p in patches]),
+            "masks_sdf": torch.stack([p["masks_sdf"] for p in patches]),
+            "dose": torch.stack([p["dose"] for p in patches]),
+            "constraints": constraints.expand(len(patches), -1).clone(),
+        }
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed a DataLoader worker's global RNGs from the seed torch gives it (itself derived from
+    the loader's seeded generator); the patches themselves use per-item generators."""
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_train_loader(dataset: PatchDataset, sampler: EpochSampler, num_workers: int, seed: int,
+                      pin_memory: bool = False) -> DataLoader:
+    """A DataLoader of case items (no automatic batching; see ``micro_batches``) with seeded workers."""
+    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
+                      worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0)
+
+
+def micro_batches(items, batch_size: int) -> Iterator[Dict[str, torch.Tensor]]:
+    """Cut a stream of stacked-patch items into batches of ``batch_size`` patches (last may be smaller)."""
+    pending: Dict[str, List[torch.Tensor]] = {key: [] for key in BATCH_KEYS}
+    count = 0
+    for item in items:
+        for key in BATCH_KEYS:
+            pending[key].append(item[key])
+        count += item["ct"].shape[0]
+        while count >= batch_size:
+            joined = {key: torch.cat(pending[key]) for key in BATCH_KEYS}
+            yield {key: value[:batch_size] for key, value in joined.items()}
+            pending = {key: [value[batch_size:]] for key, value in joined.items()}
+            count -= batch_size
+    if count > 0:
+        yield {key: torch.cat(pending[key]) for key in BATCH_KEYS}
+
+
+def micro_batches_per_epoch(items_per_rank: int, patches_per_volume: int, batch_size: int) -> int:
+    return math.ceil(items_per_rank * patches_per_volume / batch_size)
