@@ -1,0 +1,751 @@
+"""3-D gamma index (Low et al. 1998) with the search definition of ``pymedphys.gamma``, in torch.
+
+For every reference voxel above the lower dose cutoff, gamma is the minimum over search points
+``p`` of ``sqrt((|D_eval(p) - D_ref| / dose_tolerance)**2 + (|p| / distance_mm)**2)``, where the
+evaluated dose is interpolated trilinearly at ``p`` and ``|p|`` is the distance from the voxel.
+The dose tolerance is ``dose_percent`` % of the normalisation dose (global: the reference maximum
+unless ``global_normalisation`` is given) or of the voxel's reference dose (``local=True``).
+
+Search points are those of ``pymedphys.gamma`` 0.41 (``_gamma/implementation/shell.py``):
+
+* shells of radius ``0, s, 2s, ...`` with ``s = distance_mm / interp_fraction``, up to
+  ``max_gamma * distance_mm``; radii are accumulated in float64 as pymedphys does (10 x 0.3 gives
+  2.9999999999999996) and the radius ``distance_mm`` itself is always searched too
+  (``search_distances``);
+* on a shell of radius ``r``: ``ceil(pi r / s) + 1`` rings of polar angle 0..pi about axis 2,
+  each of ``ceil(2 pi r sin(polar) / s) + 1`` equally spaced azimuths (``shell_offsets_mm``);
+* points outside the evaluated grid do not count;
+* pymedphys searches shell by shell and stops a voxel when ``gamma <= r / distance_mm``, which
+  cannot change the minimum; gamma above ``max_gamma`` is reported as ``max_gamma``; voxels not
+  evaluated are NaN.
+
+The gamma values equal pymedphys's up to float32 rounding of the interpolated dose (about 1e-5);
+the final comparison is done in float64 and the map rounded up to float32, so ``gamma <= 1``
+is the same pass test. pymedphys options: ``lower_percent_dose_cutoff`` is ``cutoff_percent``
+(pymedphys's default is 20 %, ours 10 %: pass it explicitly when comparing), ``local_gamma`` is
+``local``, ``skip_once_passed`` and ``random_subset`` exist here too (the subset is drawn with
+``seed``, not numpy's global generator), ``ram_available`` is replaced by ``chunk_size``, and
+``quiet`` (deprecated there) has no counterpart: nothing is printed. ``max_gamma=None``
+(unbounded search) is not supported: pass a larger number.
+
+Differences in the grid handling: pymedphys takes coordinate axes and returns all NaN when they
+are descending; here the grid is given by ``spacing_mm`` alone, reference and evaluated doses
+share it, and there is no such pitfall. A search point that is off a grid plane only by rounding
+noise (``3 * cos(3 pi / 2) = -5.5e-16`` mm) counts as on it: pymedphys, with axes starting at 0,
+drops such points on the low faces of the grid (different values at some face voxels only).
+
+Speed: only voxels above the cutoff (and in ``mask``) are searched, shell by shell from the
+centre out, and a voxel is searched on a shell only while a lower bound of that shell's gamma
+is below its current best (capped at ``max_gamma``). Bounds come from the evaluated doses in a
+box around the voxel that holds the shell: the gap between the reference dose and the box's dose
+range, and a gradient bound ``|D(p) - D(voxel)| <= slope * |p|``. Most voxels are done after
+the first shells. The doses at one shell's points are trilinear weights times gathered corner
+doses: a batched matmul. Work runs on the device of the reference tensor (CUDA tensors on the
+GPU, numpy arrays on the CPU) in chunks of at most ``chunk_size`` voxel-point pairs. On a CPU
+that other processes keep busy, ``torch.set_num_threads(1)`` can be much faster than more threads.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+# Dose put around the evaluated grid: any search point with a corner out there gets a dose
+# difference so large that it never wins the minimum (pymedphys fills such points with inf;
+# a finite value keeps 0-weight corners from producing NaN).
+OUTSIDE_GRID_DOSE = 1.0e30
+DEFAULT_CHUNK_SIZE = 2 ** 20
+COORDINATE_SNAP = 1e-9  # voxel units
+BOUND_SAFETY = 1e-5
+MAX_SLOPE = 1e15  # gamma units per mm; caps slopes next to OUTSIDE_GRID_DOSE (keeps them finite)
+# The 8 corners of a voxel cell, as 0/1 offsets along axes 0, 1, 2.
+CELL_CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- search geometry
+
+
+@dataclass(frozen=True)
+class GammaShell:
+    """One search shell: its radius (mm) and its points as offsets in mm, shape (P, 3), axes 0/1/2."""
+    distance_mm: float
+    offsets_mm: np.ndarray
+
+
+def search_distances(distance_mm: float, interp_fraction: float, max_gamma: float) -> List[Tuple[float, float]]:
+    """Shell radii and point spacings (mm), as ``pymedphys.gamma``'s loop produces them.
+
+    Returns ``[(radius_mm, point_step_mm), ...]`` in increasing radius, from 0 up to
+    ``max_gamma * distance_mm``. Radii are accumulated in float64 (so 10 x 0.3 gives
+    2.9999999999999996, and then exactly 3.0 is searched as well, as in pymedphys).
+    """
+    step = distance_mm / interp_fraction
+    max_distance = distance_mm * max_gamma
+    forced = [float(distance_mm)]
+    radius = 0.0
+    shells = []
+    while radius <= max_distance:
+        shells.append((radius, step))
+        step = max(radius / interp_fraction / max_gamma, distance_mm / interp_fraction)
+        radius += step
+        if forced and radius >= forced[0]:
+            radius = forced.pop(0)
+    return shells
+
+
+def shell_offsets_mm(radius_mm: float, point_step_mm: float) -> np.ndarray:
+    """Points on a sphere of radius ``radius_mm``, no gap wider than ``point_step_mm``: (P, 3) mm.
+
+    Rings of constant polar angle about axis 2 (pymedphys ``calculate_coordinates_shell_3d``);
+    radius 0 gives the single point (0, 0, 0).
+    """
+    n_rings = int(np.ceil(np.pi * radius_mm / point_step_mm)) + 1
+    polar = np.linspace(0.0, np.pi, n_rings)
+    ring_size = np.ceil(2 * np.pi * radius_mm * np.sin(polar) / point_step_mm).astype(int) + 1
+    points = []
+    for theta, n in zip(polar, ring_size):
+        azimuth = np.linspace(0.0, 2 * np.pi, n + 1)[:-1]
+        points.append(np.stack([
+            radius_mm * np.sin(theta) * np.cos(azimuth),
+            radius_mm * np.sin(theta) * np.sin(azimuth),
+            radius_mm * np.cos(theta) * np.ones_like(azimuth),
+        ], axis=1))
+    return np.concatenate(points, axis=0)
+
+
+def gamma_search_shells(distance_mm: float = 3.0, interp_fraction: float = 10, max_gamma: float = 1.1) -> List[GammaShell]:
+    """All search shells of one gamma evaluation (pymedphys's search points), innermost first."""
+    return [GammaShell(radius, shell_offsets_mm(radius, step))
+            for radius, step in search_distances(distance_mm, interp_fraction, max_gamma)]
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+@dataclass(frozen=True)
+class _Criteria:
+    """Checked gamma criteria; percentages are of the normalisation dose (global) or the voxel's (local)."""
+    dose_percent: float
+    distance_mm: float
+    cutoff_percent: float
+    local: bool
+    max_gamma: float
+    interp_fraction: float
+    spacing_mm: Tuple[float, float, float]
+
+
+def _positive_number(name: str, value, allow_zero: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        expected = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {expected}, got {value}")
+    return value
+
+
+def _spacing(spacing_mm) -> Tuple[float, float, float]:
+    if isinstance(spacing_mm, torch.Tensor):
+        spacing_mm = spacing_mm.detach().cpu().numpy()
+    try:
+        values = np.atleast_1d(np.asarray(spacing_mm, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise ValueError(f"spacing_mm must be one positive number or three (mm), got {spacing_mm!r}") from None
+    if values.size == 1:
+        values = np.repeat(values, 3)
+    if values.shape != (3,) or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"spacing_mm must be one positive number or three (mm along axes 0, 1, 2), got {spacing_mm!r}")
+    return tuple(float(v) for v in values)
+
+
+def _as_tensor(name: str, value, device=None) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+    elif isinstance(value, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+    else:
+        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}")
+    return tensor if device is None else tensor.to(device)
+
+
+def _dose_tensor(name: str, value, device=None) -> Tuple[torch.Tensor, float]:
+    """(float32 tensor on device, its maximum); rejects non-3-D, non-numeric or non-finite doses."""
+    tensor = _as_tensor(name, value, device)
+    if tensor.ndim != 3:
+        raise ValueError(f"{name} must be a 3-D dose volume (X, Y, Z) in Gy, got shape {tuple(tensor.shape)}")
+    if not (tensor.is_floating_point() or tensor.dtype in (torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise TypeError(f"{name} must hold real numbers (dose in Gy), got dtype {tensor.dtype}")
+    tensor = tensor.to(torch.float32)
+    low, high = (float(v) for v in torch.aminmax(tensor))  # NaN propagates into both
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} contains NaN or infinite doses")
+    return tensor, high
+
+
+def _mask_tensor(mask, shape, device) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    tensor = _as_tensor("mask", mask, device)
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"mask must have the dose shape {tuple(shape)}, got {tuple(tensor.shape)}")
+    if tensor.dtype != torch.bool:
+        raise TypeError(f"mask must be boolean, got dtype {tensor.dtype}")
+    return tensor
+
+
+def _settings(spacing_mm, dose_percent, distance_mm, cutoff_percent, local, max_gamma, interp_fraction) -> _Criteria:
+    return _Criteria(
+        dose_percent=_positive_number("dose_percent", dose_percent),
+        distance_mm=_positive_number("distance_mm", distance_mm),
+        cutoff_percent=_positive_number("cutoff_percent", cutoff_percent, allow_zero=True),
+        local=bool(local),
+        max_gamma=_positive_number("max_gamma", max_gamma),
+        interp_fraction=_positive_number("interp_fraction", interp_fraction),
+        spacing_mm=_spacing(spacing_mm),
+    )
+
+
+# --------------------------------------------------------------------------- voxels to evaluate
+
+
+def _flat_nonzero(selected: torch.Tensor) -> torch.Tensor:
+    """(N,) int64 C-order flat indices of the True voxels (numpy's is several times faster on CPU)."""
+    if selected.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(selected.numpy()))
+    return torch.nonzero(selected.reshape(-1)).squeeze(1)
+
+
+def _voxels_to_evaluate(reference: torch.Tensor, settings: _Criteria, normalisation: float,
+                        mask: Optional[torch.Tensor], random_subset: Optional[int], seed: int) -> torch.Tensor:
+    """(N,) sorted flat indices: reference >= cutoff (of the normalisation), in mask, optional random subset."""
+    selected = reference >= settings.cutoff_percent / 100.0 * normalisation
+    if settings.local:
+        selected &= reference > 0  # local gamma is undefined at zero reference dose (pymedphys: NaN)
+    if mask is not None:
+        selected &= mask
+    voxels = _flat_nonzero(selected)
+    if random_subset is not None and random_subset < voxels.numel():
+        generator = torch.Generator().manual_seed(int(seed))
+        keep = torch.randperm(voxels.numel(), generator=generator)[:random_subset]
+        voxels = torch.sort(voxels[keep.to(voxels.device)]).values
+    return voxels
+
+
+# --------------------------------------------------------------------------- grid preparation
+
+
+@dataclass
+class _Grid:
+    """Evaluated dose cropped around the voxels to evaluate and padded with OUTSIDE_GRID_DOSE.
+
+    flat: padded crop, flattened; strides: its C-order strides (3,) ints;
+    voxel_index: (N,) flat index into ``flat`` of each evaluated voxel.
+    """
+    flat: torch.Tensor
+    strides: np.ndarray
+    voxel_index: torch.Tensor
+
+
+def _prepare_grid(evaluated: torch.Tensor, voxels: torch.Tensor, margin: np.ndarray) -> _Grid:
+    """Crop the evaluated dose to the evaluated voxels' bounding box plus ``margin`` (voxels per
+    axis, enough for every search-point corner) and pad it by ``margin`` with OUTSIDE_GRID_DOSE."""
+    shape = np.array(evaluated.shape)
+    coords = torch.stack([voxels // (shape[1] * shape[2]), (voxels // shape[2]) % shape[1], voxels % shape[2]], 1)
+    low = np.maximum(coords.min(0).values.cpu().numpy() - margin, 0)
+    high = np.minimum(coords.max(0).values.cpu().numpy() + 1 + margin, shape)
+    crop = evaluated[low[0]:high[0], low[1]:high[1], low[2]:high[2]]
+    m0, m1, m2 = (int(m) for m in margin)
+    padded = torch.nn.functional.pad(crop[None, None], (m2, m2, m1, m1, m0, m0), value=OUTSIDE_GRID_DOSE)[0, 0]
+    strides = np.array([padded.shape[1] * padded.shape[2], padded.shape[2], 1], dtype=np.int64)
+    in_padded = coords - torch.as_tensor(low - margin, device=coords.device)
+    voxel_index = (in_padded * torch.as_tensor(strides, device=coords.device)).sum(1)
+    return _Grid(padded.reshape(-1), strides, voxel_index)
+
+
+@dataclass
+class _Bounds:
+    """Lower-bound ingredients, per evaluated voxel, for the shells inside one box around it.
+
+    gap_sq: (N,) float32 squared gap (gamma units) between the reference dose and the box's
+        range of evaluated dose: |D_eval(p) - D_ref| / tol >= gap for every point p in the box.
+    slope: (N,) float32 bound (gamma units per mm) of the interpolated evaluated dose's gradient
+        in the box: |D_eval(p) - D_ref| / tol >= |D_eval(voxel) - D_ref| / tol - slope * |p|.
+    Out-of-grid neighbours (OUTSIDE_GRID_DOSE) only loosen both bounds; points there never count.
+    """
+    gap_sq: torch.Tensor
+    slope: torch.Tensor
+
+
+def _cube_offsets(box: Tuple[int, int, int], strides: np.ndarray, device) -> torch.Tensor:
+    """(K,) flat offsets of the voxels within +-box of a voxel, in C order of the (2b+1)^3 cube."""
+    axes = [np.arange(-b, b + 1) for b in box]
+    cube = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    return torch.as_tensor(cube @ strides, dtype=torch.int64, device=device)
+
+
+def _cube_gradient_bound(cube: torch.Tensor, spacing_mm: Sequence[float]) -> torch.Tensor:
+    """(A, B, C, n) dose cubes -> (n,) max over their cells of sqrt(sum over axes of
+    (max |edge difference along the axis| / spacing)**2): a bound of the trilinear gradient norm."""
+    squared = None
+    for axis, spacing in enumerate(spacing_mm):
+        length = cube.shape[axis]
+        edges = (cube.narrow(axis, 1, length - 1) - cube.narrow(axis, 0, length - 1)).abs_().div_(spacing)
+        for other in range(3):  # a cell's 4 edges along `axis` start at c and c + 1 along the others
+            if other != axis:
+                m = edges.shape[other]
+                edges = torch.maximum(edges.narrow(other, 0, m - 1), edges.narrow(other, 1, m - 1))
+        squared = edges.square_() if squared is None else squared.add_(edges.square_())
+    return squared.flatten(0, 2).amax(dim=0).sqrt_()
+
+
+def _box_bounds(grid: _Grid, voxel_index: torch.Tensor, reference: torch.Tensor, tolerance,
+                box: Tuple[int, int, int], spacing_mm: Sequence[float], chunk_size: int) -> _Bounds:
+    """Bounds over the box +-box voxels (each half-width >= 1) around some evaluated voxels.
+
+    voxel_index: (n,) their flat indices in the padded grid; reference, tolerance: theirs.
+    """
+    offsets = _cube_offsets(box, grid.strides, reference.device)
+    shape = tuple(2 * b + 1 for b in box)
+    chunk = max(1, chunk_size // offsets.numel())
+    gap = torch.empty(voxel_index.numel(), dtype=torch.float32, device=reference.device)
+    slope = torch.empty_like(gap)
+    for start in range(0, voxel_index.numel(), chunk):
+        part = slice(start, start + chunk)
+        index = voxel_index[part]
+        cube = torch.take(grid.flat, offsets[:, None] + index[None, :])  # (K, n)
+        high, low = cube.amax(dim=0), cube.amin(dim=0)
+        gap[part] = torch.clamp(torch.maximum(reference[part] - high, low - reference[part]), min=0.0)
+        slope[part] = _cube_gradient_bound(cube.view(*shape, -1), spacing_mm)
+    gap.div_(tolerance)
+    slope.div_(tolerance)
+    # loosen a little so float32 rounding can never make a bound exceed a real gamma
+    return _Bounds(gap.square_().mul_(1.0 - BOUND_SAFETY), slope.mul_(1.0 + BOUND_SAFETY).clamp_(max=MAX_SLOPE))
+
+
+# --------------------------------------------------------------------------- shell evaluation
+
+
+@dataclass(frozen=True)
+class _ShellBlocks:
+    """One shell as blocks of points whose trilinear corners fit in a 3 x 3 x 3 voxel box.
+
+    corners: (U, 3) int64 voxel offsets of all corners the shell uses;
+    block_rows: (B * 28,) rows of [corner values (U rows); reference dose (1 row)] per block:
+        its 27 corners, then the reference row; None when that is simply rows 0..27 (one block);
+    weights: (B, Q, 28) float32 trilinear weights of each block's points (padded to Q by
+        repeating a point: a repeat does not change a minimum) and -1 for the reference row, so
+        ``weights @ rows`` is D_eval(point) - D_ref;
+    box: half-width in voxels, per axis, of the box holding every corner with non-zero weight.
+    """
+    distance_mm: float
+    n_points: int
+    corners: np.ndarray
+    block_rows: Optional[np.ndarray]
+    weights: np.ndarray
+    box: Tuple[int, int, int]
+
+
+def _trilinear_weights(fraction: np.ndarray) -> np.ndarray:
+    """(P, 3) fractional positions in a cell -> (P, 8) weights of the CELL_CORNERS."""
+    per_axis = np.where(CELL_CORNERS[None, :, :] == 1, fraction[:, None, :], 1.0 - fraction[:, None, :])
+    return per_axis.prod(axis=2)
+
+
+def _scalar_keys(keys: np.ndarray) -> np.ndarray:
+    """(P, 3) small integer triples -> (P,) int64 with the same equalities (fast np.unique)."""
+    shifted = keys - keys.min(axis=0)
+    size = shifted.max(axis=0) + 1
+    return (shifted[:, 0] * size[1] + shifted[:, 1]) * size[2] + shifted[:, 2]
+
+
+def _block_keys(cells: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Split cells into 2 x 2 x 2-cell blocks, with the block grid phase giving the fewest blocks.
+
+    Returns (keys (P, 3) block index per point, origins (P, 3) lowest corner of the point's block).
+    """
+    best = None
+    for phase in CELL_CORNERS:
+        keys = np.floor_divide(cells + phase, 2)
+        count = len(np.unique(_scalar_keys(keys)))
+        if best is None or count < best[0]:
+            best = (count, keys, 2 * keys - phase)
+    return best[1], best[2]
+
+
+def _points_per_block(counts: np.ndarray) -> int:
+    """Block size Q (points) balancing padding (blocks are padded to Q) against per-block row copies."""
+    def cost(q):
+        return (np.ceil(counts / q) * (28 + 2 * q)).sum()
+    candidates = [q for q in (16, 32, 64, 128, 256, 512) if q < counts.max()] + [int(counts.max())]
+    return min(candidates, key=cost)
+
+
+def _shell_blocks(shell: GammaShell, spacing_mm: Tuple[float, float, float]) -> _ShellBlocks:
+    offsets = shell.offsets_mm / np.asarray(spacing_mm)[None, :]  # voxel units, float64
+    # Points off a grid plane by rounding noise only (sin(pi) != 0) lie on it: on a face of the
+    # grid they are inside it (pymedphys with axes starting at 0 drops those on the low faces).
+    offsets[np.abs(offsets) < COORDINATE_SNAP] = 0.0
+    box = np.ceil(np.abs(offsets).max(axis=0)).astype(np.int64)
+    if shell.distance_mm > 0:
+        box = np.maximum(box, 1)
+    # Cells within [-box, box - 1], so a point exactly at +box puts weight 1 on corner +box.
+    cells = np.clip(np.floor(offsets).astype(np.int64), -box, np.maximum(box - 1, 0))
+    weights8 = _trilinear_weights(offsets - cells)  # (P, 8)
+    keys, origins = _block_keys(cells)
+    _, owner = np.unique(_scalar_keys(keys), return_inverse=True)
+    owner = owner.reshape(-1)
+    per_block = _points_per_block(np.bincount(owner))
+    groups = []
+    for block in range(owner.max() + 1):
+        members = np.flatnonzero(owner == block)
+        groups.extend(np.array_split(members, -(-len(members) // per_block)))
+
+    box27 = np.array([[i, j, k] for i in range(3) for j in range(3) for k in range(3)], dtype=np.int64)
+    block_corners = np.zeros((len(groups), 27, 3), dtype=np.int64)
+    weights = np.zeros((len(groups), per_block, 28), dtype=np.float64)
+    for b, members in enumerate(groups):
+        members = np.concatenate([members, np.repeat(members[:1], per_block - len(members))])
+        origin = origins[members[0]]
+        block_corners[b] = origin + box27
+        # corner c of a point's cell sits at (cell - origin + c) in the block's 3 x 3 x 3 box
+        local = cells[members] - origin  # (Q, 3) in {0, 1}
+        slot = ((local[:, None, :] + CELL_CORNERS[None, :, :]) * np.array([9, 3, 1])).sum(axis=2)  # (Q, 8)
+        np.put_along_axis(weights[b], slot, weights8[members], axis=1)
+        weights[b, :, 27] = -1.0
+
+    corners, rows = np.unique(block_corners.reshape(-1, 3), axis=0, return_inverse=True)
+    rows = rows.reshape(len(groups), 27)
+    block_rows = np.concatenate([rows, np.full((len(groups), 1), len(corners))], axis=1).reshape(-1)
+    if len(groups) == 1 and np.array_equal(block_rows, np.arange(28)):
+        block_rows = None
+    return _ShellBlocks(shell.distance_mm, len(offsets), corners, block_rows, weights.astype(np.float32),
+                        tuple(int(b) for b in box))
+
+
+@lru_cache(maxsize=16)
+def _search_plan(distance_mm: float, interp_fraction: float, max_gamma: float,
+                 spacing_mm: Tuple[float, float, float]) -> Tuple[_ShellBlocks, ...]:
+    """All shells as blocks, boxes made nested (each at least the previous one, per axis)."""
+    plan = [_shell_blocks(shell, spacing_mm) for shell in gamma_search_shells(distance_mm, interp_fraction, max_gamma)]
+    for s in range(1, len(plan)):
+        nested = tuple(max(a, b) for a, b in zip(plan[s].box, plan[s - 1].box))
+        plan[s] = replace(plan[s], box=nested)
+    return tuple(plan)
+
+
+@dataclass
+class _ShellKernel:
+    """A shell's blocks on one grid: corner_offsets (U,) flat offsets in the padded grid; tensors on device."""
+    distance_mm: float
+    n_points: int
+    corner_offsets: torch.Tensor
+    block_rows: Optional[torch.Tensor]
+    weights: torch.Tensor
+    box: Tuple[int, int, int]
+
+
+def _shell_kernel(blocks: _ShellBlocks, strides: np.ndarray, device) -> _ShellKernel:
+    return _ShellKernel(
+        distance_mm=blocks.distance_mm,
+        n_points=blocks.n_points,
+        corner_offsets=torch.as_tensor(blocks.corners @ strides, dtype=torch.int64, device=device),
+        block_rows=None if blocks.block_rows is None else torch.as_tensor(blocks.block_rows, device=device),
+        weights=torch.as_tensor(blocks.weights, device=device),
+        box=blocks.box,
+    )
+
+
+def _min_dose_difference(flat: torch.Tensor, voxel_index: torch.Tensor, reference: torch.Tensor,
+                         kernel: _ShellKernel, chunk_size: int) -> torch.Tensor:
+    """(n,) minimum over the shell's points of |D_eval(voxel + point) - D_ref(voxel)| in Gy (float32)."""
+    n_blocks, per_block, _ = kernel.weights.shape
+    n_corners = kernel.corner_offsets.numel()
+    chunk = max(1, chunk_size // (n_blocks * per_block + n_corners))
+    result = torch.empty_like(reference)
+    for start in range(0, voxel_index.numel(), chunk):
+        index = voxel_index[start:start + chunk]
+        rows = torch.empty((n_corners + 1, index.numel()), dtype=flat.dtype, device=flat.device)
+        torch.take(flat, kernel.corner_offsets[:, None] + index[None, :], out=rows[:n_corners])
+        rows[n_corners] = reference[start:start + chunk]
+        if kernel.block_rows is not None:
+            rows = rows.index_select(0, kernel.block_rows)
+        differences = torch.bmm(kernel.weights, rows.view(n_blocks, 28, -1))  # (B, Q, n)
+        result[start:start + chunk] = differences.abs_().view(n_blocks * per_block, -1).amin(dim=0)
+    return result
+
+
+# --------------------------------------------------------------------------- the search
+
+
+@dataclass
+class _Active:
+    """The evaluated voxels still searched, as compact arrays of equal length.
+
+    ids: positions in the evaluated-voxel list; voxel_index: flat index in the padded grid;
+    reference: Gy (float32); tolerance: Gy, per voxel (local gamma) or one number;
+    dose0: float64 dose term at the voxel itself (loosened by BOUND_SAFETY, for bounds);
+    best: float64 squared gamma so far; gap_sq, slope: float64 bounds of the current box (or None).
+    """
+    ids: torch.Tensor
+    voxel_index: torch.Tensor
+    reference: torch.Tensor
+    tolerance: Union[torch.Tensor, float]
+    dose0: torch.Tensor
+    best: torch.Tensor
+    gap_sq: Optional[torch.Tensor] = None
+    slope: Optional[torch.Tensor] = None
+
+    def select(self, keep: torch.Tensor) -> "_Active":
+        def pick(value):
+            return value[keep] if torch.is_tensor(value) and value.ndim else value
+        return _Active(*(pick(getattr(self, name)) for name in self.__dataclass_fields__))
+
+
+def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria,
+            kernels: List[_ShellKernel], skip_once_passed: bool, chunk_size: int) -> torch.Tensor:
+    """(N,) float64 squared gamma (before clipping) of the evaluated voxels.
+
+    Shells are searched innermost first. A voxel is searched on a shell only if a lower bound of
+    the shell's gamma is below its current best (capped at max_gamma); a shell of radius r in a
+    box gives at least  max(gap, dose0 - slope * r)**2 + (r / distance_mm)**2  (``_Bounds``;
+    dose0 is the dose term at the voxel itself), or (r / distance_mm)**2 before the box's bounds
+    are known. They are computed, for the voxels still searched, at the first shell of the box
+    with as many points as the box has voxels (then they cost about as much as that shell). A
+    voxel leaves the search once no later shell can lower its gamma.
+    """
+    dta_sq = settings.distance_mm ** 2
+    radius = [k.distance_mm for k in kernels]
+    box_cost = [int(np.prod([2 * b + 1 for b in k.box])) for k in kernels]
+    max_gamma_sq = settings.max_gamma ** 2
+
+    dose0 = torch.abs(grid.flat[grid.voxel_index] - reference) / tolerance  # the radius-0 shell
+    result = dose0.double() ** 2
+    active = _Active(torch.arange(reference.numel(), device=reference.device), grid.voxel_index, reference,
+                     tolerance, dose0.double().mul_(1.0 - BOUND_SAFETY), result.clone())
+
+    def goal(state):
+        """Squared gamma a later shell must beat: the current best, capped at max_gamma."""
+        value = torch.clamp(state.best, max=max_gamma_sq)
+        if skip_once_passed:
+            value[value < 1.0] = 0.0
+        return value
+
+    def shell_bound(state, s):
+        """Squared-gamma lower bound on shell s (the box's bounds must be the state's)."""
+        if state.gap_sq is None:
+            return radius[s] ** 2 / dta_sq
+        slope_term = torch.clamp(state.dose0 - state.slope * radius[s], min=0.0).square_()
+        return torch.maximum(state.gap_sq, slope_term).add_(radius[s] ** 2 / dta_sq)
+
+    def box_floor(state, s):
+        """Squared-gamma lower bound on all shells from s on in the same box: the gap bound at
+        radius[s], or the minimum over r >= radius[s] of the convex (dose0 - slope r)+**2 + r**2/dta**2."""
+        if state.gap_sq is None:
+            return radius[s] ** 2 / dta_sq
+        r = torch.clamp(state.dose0 * state.slope / (state.slope.square() + 1.0 / dta_sq), min=radius[s])
+        slope_floor = torch.clamp(state.dose0 - state.slope * r, min=0.0).square_().add_(r.square_().div_(dta_sq))
+        return torch.maximum(state.gap_sq + radius[s] ** 2 / dta_sq, slope_floor)
+
+    def still_improvable(state, next_shell):
+        """Mask of voxels that a shell from next_shell on could still improve."""
+        target = goal(state)
+        same_box = next((t for t in range(next_shell, len(kernels)) if kernels[t].box == kernels[next_shell - 1].box), None)
+        next_box = next((t for t in range(next_shell, len(kernels)) if kernels[t].box != kernels[next_shell - 1].box), None)
+        keep = torch.zeros(state.best.shape, dtype=torch.bool, device=state.best.device)
+        if same_box is not None:
+            keep |= box_floor(state, same_box) < target
+        if next_box is not None:
+            keep |= radius[next_box] ** 2 / dta_sq < target
+        return keep
+
+    def retire(state, keep):
+        """Store the results of the voxels that leave; return the others."""
+        if bool(keep.all()):
+            return state
+        leaving = ~keep
+        result[state.ids[leaving]] = state.best[leaving]
+        return state.select(keep)
+
+    active = retire(active, still_improvable(active, 1))
+    for s in range(1, len(kernels)):
+        if active.ids.numel() == 0:
+            break
+        if kernels[s].box != kernels[s - 1].box:  # a new box: its bounds are not known yet
+            active.gap_sq = active.slope = None
+        if active.gap_sq is None and kernels[s].n_points >= box_cost[s]:
+            found = _box_bounds(grid, active.voxel_index, active.reference, active.tolerance, kernels[s].box,
+                                settings.spacing_mm, chunk_size)
+            active.gap_sq, active.slope = found.gap_sq.double(), found.slope.double()
+        hopeful = torch.nonzero(shell_bound(active, s) < goal(active)).squeeze(1)
+        if hopeful.numel():
+            tol = active.tolerance[hopeful] if torch.is_tensor(active.tolerance) else active.tolerance
+            dose_diff = _min_dose_difference(grid.flat, active.voxel_index[hopeful], active.reference[hopeful],
+                                             kernels[s], chunk_size)
+            shell_gamma_sq = (dose_diff / tol).double().square_().add_(radius[s] ** 2 / dta_sq)
+            active.best[hopeful] = torch.minimum(active.best[hopeful], shell_gamma_sq)
+        active = retire(active, still_improvable(active, s + 1))
+    result[active.ids] = active.best
+    return result
+
+
+def _round_up_to_float32(values: torch.Tensor) -> torch.Tensor:
+    """float64 -> float32 rounding up, so ``gamma32 <= 1`` exactly when ``gamma64 <= 1``."""
+    single = values.float()
+    low = single.double() < values
+    single[low] = torch.nextafter(single[low], torch.full_like(single[low], math.inf))
+    return single
+
+
+# --------------------------------------------------------------------------- public API
+
+
+@contextmanager
+def _full_float32_matmul():
+    """Full-precision float32 matmul (no TF32 / bf16 shortcuts a caller may have enabled)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _evaluated_gamma(reference: ArrayLike, evaluated: ArrayLike, spacing_mm, dose_percent, distance_mm,
+                     cutoff_percent, local, max_gamma, interp_fraction, mask, global_normalisation,
+                     skip_once_passed, random_subset, seed, chunk_size):
+    """Checked inputs -> (shape, device, voxels (N,) flat indices, gamma (N,) float32 rounded up)."""
+    settings = _settings(spacing_mm, dose_percent, distance_mm, cutoff_percent, local, max_gamma, interp_fraction)
+    chunk_size = int(_positive_number("chunk_size", chunk_size))
+    if random_subset is not None and (isinstance(random_subset, bool) or not isinstance(random_subset, (int, np.integer))
+                                      or random_subset < 0):
+        raise ValueError(f"random_subset must be a non-negative int or None, got {random_subset!r}")
+    device = reference.device if isinstance(reference, torch.Tensor) else torch.device("cpu")
+    ref, ref_max = _dose_tensor("reference", reference, device)
+    ev, _ = _dose_tensor("evaluated", evaluated, device)
+    if ref.shape != ev.shape:
+        raise ValueError(f"evaluated must have the reference's shape {tuple(ref.shape)}, got {tuple(ev.shape)}")
+    region = _mask_tensor(mask, ref.shape, device)
+    if global_normalisation is not None:
+        normalisation = _positive_number("global_normalisation", global_normalisation)
+    elif ref_max > 0 or settings.local:
+        normalisation = ref_max
+    else:
+        raise ValueError("reference dose has no positive value to normalise to; pass global_normalisation")
+
+    voxels = _voxels_to_evaluate(ref, settings, normalisation, region, random_subset, seed)
+    if voxels.numel() == 0:
+        return ref.shape, device, voxels, torch.empty(0, dtype=torch.float32, device=device)
+    plan = _search_plan(settings.distance_mm, settings.interp_fraction, settings.max_gamma, settings.spacing_mm)
+    margin = np.max([np.abs(blocks.corners).max(axis=0) for blocks in plan], axis=0) + 1
+    grid = _prepare_grid(ev, voxels, margin)
+    kernels = [_shell_kernel(blocks, grid.strides, device) for blocks in plan]
+    ref_values = ref.reshape(-1)[voxels]
+    fraction = settings.dose_percent / 100.0
+    tolerance = fraction * ref_values if settings.local else fraction * normalisation
+    with _full_float32_matmul():
+        gamma_sq = _search(grid, ref_values, tolerance, settings, kernels, bool(skip_once_passed), chunk_size)
+    return ref.shape, device, voxels, _round_up_to_float32(torch.sqrt(gamma_sq).clamp_(max=settings.max_gamma))
+
+
+def gamma_index(reference: ArrayLike, evaluated: ArrayLike, spacing_mm, dose_percent: float = 3.0,
+                distance_mm: float = 3.0, cutoff_percent: float = 10.0, local: bool = False, max_gamma: float = 1.1,
+                interp_fraction: float = 10, mask: Optional[ArrayLike] = None,
+                global_normalisation: Optional[float] = None, skip_once_passed: bool = False,
+                random_subset: Optional[int] = None, seed: int = 0,
+                chunk_size: int = DEFAULT_CHUNK_SIZE) -> ArrayLike:
+    """3-D gamma index map of ``evaluated`` against ``reference`` (pymedphys.gamma's definition).
+
+    reference, evaluated: (X, Y, Z) dose in Gy on the same grid; numpy arrays or torch tensors
+        (work runs on the reference tensor's device, CPU for numpy).
+    spacing_mm: voxel size in mm, one number or three (axes 0, 1, 2; anisotropic allowed).
+    dose_percent, distance_mm: the criteria, e.g. 3 % / 3 mm. The dose tolerance is
+        dose_percent % of the normalisation dose (global) or of the reference voxel's dose (local).
+    cutoff_percent: reference voxels below this percent of the normalisation dose are not
+        evaluated (pymedphys ``lower_percent_dose_cutoff``, whose default is 20, not 10).
+    local: local instead of global gamma (reference voxels at 0 Gy are then not evaluated).
+    max_gamma: search radius is max_gamma x distance_mm; larger gammas are reported as max_gamma.
+    interp_fraction: search points are at most distance_mm / interp_fraction apart.
+    mask: optional bool (X, Y, Z) region; only voxels inside it are evaluated (e.g. targets
+        grown by 5 mm with ``dilate_mask``). The normalisation stays the whole reference's maximum.
+    global_normalisation: dose (Gy) the percentages refer to; default the reference maximum.
+    skip_once_passed: stop searching a voxel once its gamma is below 1 (faster; pass/fail is
+        unchanged but passing gammas are then upper bounds), as in pymedphys.
+    random_subset: evaluate only this many voxels, chosen at random (reproducibly, with ``seed``)
+        among those above the cutoff and in the mask.
+    chunk_size: at most this many voxel x search-point dose differences are held at once
+        (4 bytes each, plus 12 bytes per voxel and shell corner); memory also holds about
+        40 bytes per evaluated voxel and a padded copy of the evaluated dose.
+
+    Returns gamma (X, Y, Z) float32 of the input's kind (numpy array, or tensor on the reference's
+    device), NaN where not evaluated. Values are the float64 results rounded up to float32, so
+    ``gamma <= 1`` is exactly the float64 pass test.
+    """
+    shape, device, voxels, values = _evaluated_gamma(
+        reference, evaluated, spacing_mm, dose_percent, distance_mm, cutoff_percent, local, max_gamma,
+        interp_fraction, mask, global_normalisation, skip_once_passed, random_subset, seed, chunk_size)
+    if isinstance(reference, torch.Tensor):
+        gamma = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+        gamma.view(-1)[voxels] = values
+        return gamma
+    gamma = np.full(shape, np.nan, dtype=np.float32)
+    gamma.reshape(-1)[voxels.numpy()] = values.numpy()
+    return gamma
+
+
+def pass_rate_from_gamma(gamma: ArrayLike, mask: Optional[ArrayLike] = None) -> float:
+    """Percent of evaluated (non-NaN) voxels with gamma <= 1, optionally only inside ``mask``; NaN if none."""
+    values = _as_tensor("gamma", gamma)
+    evaluated = ~torch.isnan(values)
+    if mask is not None:
+        evaluated &= _mask_tensor(mask, values.shape, values.device)
+    count = int(evaluated.sum())
+    if count == 0:
+        return float("nan")
+    return 100.0 * int((values[evaluated] <= 1.0).sum()) / count
+
+
+def gamma_pass_rate(reference: ArrayLike, evaluated: ArrayLike, spacing_mm, dose_percent: float = 3.0,
+                    distance_mm: float = 3.0, cutoff_percent: float = 10.0, local: bool = False,
+                    max_gamma: float = 1.1, interp_fraction: float = 10, mask: Optional[ArrayLike] = None,
+                    global_normalisation: Optional[float] = None, skip_once_passed: bool = False,
+                    random_subset: Optional[int] = None, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
+    """Percent (0-100) of evaluated voxels (above the cutoff, inside ``mask``) with gamma <= 1.
+
+    Same arguments as ``gamma_index`` (without building the gamma map); NaN when no voxel is evaluated.
+    """
+    _, _, voxels, values = _evaluated_gamma(
+        reference, evaluated, spacing_mm, dose_percent, distance_mm, cutoff_percent, local, max_gamma,
+        interp_fraction, mask, global_normalisation, skip_once_passed, random_subset, seed, chunk_size)
+    if voxels.numel() == 0:
+        return float("nan")
+    return 100.0 * int((values <= 1.0).sum()) / voxels.numel()
+
+
+def dilate_mask(mask: ArrayLike, spacing_mm, margin_mm: float) -> ArrayLike:
+    """Voxels within ``margin_mm`` (Euclidean, anisotropic spacing) of a bool (X, Y, Z) mask.
+
+    E.g. ``dilate_mask(ptv, spacing, 5.0)`` for a gamma region of targets plus 5 mm.
+    Returns the same kind (numpy array or tensor on the same device) as ``mask``.
+    """
+    tensor = _as_tensor("mask", mask)
+    if tensor.dtype != torch.bool or tensor.ndim != 3:
+        raise ValueError(f"mask must be a bool 3-D volume, got dtype {tensor.dtype} and shape {tuple(tensor.shape)}")
+    spacing = _spacing(spacing_mm)
+    margin = _positive_number("margin_mm", margin_mm, allow_zero=True)
+    array = tensor.cpu().numpy()
+    if not array.any():
+        grown = np.zeros_like(array)
+    else:
+        grown = ndimage.distance_transform_edt(~array, sampling=spacing) <= margin
+    if isinstance(mask, torch.Tensor):
+        return torch.from_numpy(grown).to(mask.device)
+    return grown
