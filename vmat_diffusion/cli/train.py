@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--rx_dose_gy", type=float, default=d.rx_dose_gy,
                       help="dose scale (Gy): the baseline regresses dose / rx_dose_gy")
     data.add_argument("--no_augment", dest="augment", action="store_false",
-                      help="no left-right flips or translations")
+                      help="turn off the left-right flips and translations (augment=%(default)s unless given)")
     data.add_argument("--cache_cases", action="store_true", help="keep the training and validation cases in RAM")
     data.add_argument("--store", dest="use_store", action="store_true",
                       help="read cases memory-mapped through the case store (built on first use)")
