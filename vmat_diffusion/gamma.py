@@ -62,7 +62,7 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 # difference so large that it never wins the minimum (pymedphys fills such points with inf;
 # a finite value keeps 0-weight corners from producing NaN).
 OUTSIDE_GRID_DOSE = 1.0e30
-DEFAULT_CHUNK_SIZE = 2 ** 20
+DEFAULT_CHUNK_SIZE = 2 ** 22
 COORDINATE_SNAP = 1e-9  # voxel units
 BOUND_SAFETY = 1e-5
 MAX_SLOPE = 1e15  # gamma units per mm; caps slopes next to OUTSIDE_GRID_DOSE (keeps them finite)
@@ -121,7 +121,8 @@ def shell_offsets_mm(radius_mm: float, point_step_mm: float) -> np.ndarray:
     return np.concatenate(points, axis=0)
 
 
-def gamma_search_shells(distance_mm: float = 3.0, interp_fraction: float = 10, max_gamma: float = 1.1) -> List[GammaShell]:
+def gamma_search_shells(distance_mm: float = 3.0, interp_fraction: float = 10,
+                        max_gamma: float = 1.1) -> List[GammaShell]:
     """All search shells of one gamma evaluation (pymedphys's search points), innermost first."""
     return [GammaShell(radius, shell_offsets_mm(radius, step))
             for radius, step in search_distances(distance_mm, interp_fraction, max_gamma)]
@@ -273,11 +274,11 @@ def _prepare_grid(evaluated: torch.Tensor, voxels: torch.Tensor, margin: np.ndar
 
 @dataclass
 class _Bounds:
-    """Lower-bound ingredients, per evaluated voxel, for the shells inside one box around it.
+    """Lower-bound ingredients, per voxel, for the shells inside one box around it.
 
-    gap_sq: (N,) float32 squared gap (gamma units) between the reference dose and the box's
+    gap_sq: (n,) float32 squared gap (gamma units) between the reference dose and the box's
         range of evaluated dose: |D_eval(p) - D_ref| / tol >= gap for every point p in the box.
-    slope: (N,) float32 bound (gamma units per mm) of the interpolated evaluated dose's gradient
+    slope: (n,) float32 bound (gamma units per mm) of the interpolated evaluated dose's gradient
         in the box: |D_eval(p) - D_ref| / tol >= |D_eval(voxel) - D_ref| / tol - slope * |p|.
     Out-of-grid neighbours (OUTSIDE_GRID_DOSE) only loosen both bounds; points there never count.
     """
@@ -293,18 +294,15 @@ def _cube_offsets(box: Tuple[int, int, int], strides: np.ndarray, device) -> tor
 
 
 def _cube_gradient_bound(cube: torch.Tensor, spacing_mm: Sequence[float]) -> torch.Tensor:
-    """(A, B, C, n) dose cubes -> (n,) max over their cells of sqrt(sum over axes of
-    (max |edge difference along the axis| / spacing)**2): a bound of the trilinear gradient norm."""
+    """(A, B, C, n) dose cubes -> (n,) sqrt(sum over axes of (max |edge difference along the
+    axis| / spacing)**2): a bound of the trilinear interpolant's gradient norm in the cube."""
     squared = None
     for axis, spacing in enumerate(spacing_mm):
         length = cube.shape[axis]
-        edges = (cube.narrow(axis, 1, length - 1) - cube.narrow(axis, 0, length - 1)).abs_().div_(spacing)
-        for other in range(3):  # a cell's 4 edges along `axis` start at c and c + 1 along the others
-            if other != axis:
-                m = edges.shape[other]
-                edges = torch.maximum(edges.narrow(other, 0, m - 1), edges.narrow(other, 1, m - 1))
-        squared = edges.square_() if squared is None else squared.add_(edges.square_())
-    return squared.flatten(0, 2).amax(dim=0).sqrt_()
+        edges = (cube.narrow(axis, 1, length - 1) - cube.narrow(axis, 0, length - 1)).abs_()
+        steepest = edges.flatten(0, 2).amax(dim=0).div_(spacing).square_()
+        squared = steepest if squared is None else squared.add_(steepest)
+    return squared.sqrt_()
 
 
 def _box_bounds(grid: _Grid, voxel_index: torch.Tensor, reference: torch.Tensor, tolerance,
@@ -479,7 +477,7 @@ def _min_dose_difference(flat: torch.Tensor, voxel_index: torch.Tensor, referenc
         if kernel.block_rows is not None:
             rows = rows.index_select(0, kernel.block_rows)
         differences = torch.bmm(kernel.weights, rows.view(n_blocks, 28, -1))  # (B, Q, n)
-        result[start:start + chunk] = differences.abs_().view(n_blocks * per_block, -1).amin(dim=0)
+        torch.amin(differences.abs_().view(n_blocks * per_block, -1), dim=0, out=result[start:start + chunk])
     return result
 
 
@@ -522,15 +520,16 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
     with as many points as the box has voxels (then they cost about as much as that shell). A
     voxel leaves the search once no later shell can lower its gamma.
     """
-    dta_sq = settings.distance_mm ** 2
+    dta = settings.distance_mm
     radius = [k.distance_mm for k in kernels]
+    distance_term = [(r / dta) ** 2 for r in radius]  # as pymedphys: (distance / DTA) ** 2
     box_cost = [int(np.prod([2 * b + 1 for b in k.box])) for k in kernels]
     max_gamma_sq = settings.max_gamma ** 2
 
-    dose0 = torch.abs(grid.flat[grid.voxel_index] - reference) / tolerance  # the radius-0 shell
-    result = dose0.double() ** 2
+    dose0 = torch.abs(grid.flat[grid.voxel_index] - reference).double() / tolerance  # the radius-0 shell
+    result = dose0.square()
     active = _Active(torch.arange(reference.numel(), device=reference.device), grid.voxel_index, reference,
-                     tolerance, dose0.double().mul_(1.0 - BOUND_SAFETY), result.clone())
+                     tolerance, dose0.mul_(1.0 - BOUND_SAFETY), result.clone())
 
     def goal(state):
         """Squared gamma a later shell must beat: the current best, capped at max_gamma."""
@@ -542,29 +541,30 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
     def shell_bound(state, s):
         """Squared-gamma lower bound on shell s (the box's bounds must be the state's)."""
         if state.gap_sq is None:
-            return radius[s] ** 2 / dta_sq
+            return distance_term[s]
         slope_term = torch.clamp(state.dose0 - state.slope * radius[s], min=0.0).square_()
-        return torch.maximum(state.gap_sq, slope_term).add_(radius[s] ** 2 / dta_sq)
+        return torch.maximum(state.gap_sq, slope_term).add_(distance_term[s])
 
     def box_floor(state, s):
         """Squared-gamma lower bound on all shells from s on in the same box: the gap bound at
         radius[s], or the minimum over r >= radius[s] of the convex (dose0 - slope r)+**2 + r**2/dta**2."""
         if state.gap_sq is None:
-            return radius[s] ** 2 / dta_sq
-        r = torch.clamp(state.dose0 * state.slope / (state.slope.square() + 1.0 / dta_sq), min=radius[s])
-        slope_floor = torch.clamp(state.dose0 - state.slope * r, min=0.0).square_().add_(r.square_().div_(dta_sq))
-        return torch.maximum(state.gap_sq + radius[s] ** 2 / dta_sq, slope_floor)
+            return distance_term[s]
+        r = torch.clamp(state.dose0 * state.slope / (state.slope.square() + dta ** -2), min=radius[s])
+        slope_floor = torch.clamp(state.dose0 - state.slope * r, min=0.0).square_().add_(r.div_(dta).square_())
+        return torch.maximum(state.gap_sq + distance_term[s], slope_floor)
 
     def still_improvable(state, next_shell):
         """Mask of voxels that a shell from next_shell on could still improve."""
         target = goal(state)
-        same_box = next((t for t in range(next_shell, len(kernels)) if kernels[t].box == kernels[next_shell - 1].box), None)
-        next_box = next((t for t in range(next_shell, len(kernels)) if kernels[t].box != kernels[next_shell - 1].box), None)
+        box = kernels[next_shell - 1].box
+        same_box = next((t for t in range(next_shell, len(kernels)) if kernels[t].box == box), None)
+        next_box = next((t for t in range(next_shell, len(kernels)) if kernels[t].box != box), None)
         keep = torch.zeros(state.best.shape, dtype=torch.bool, device=state.best.device)
         if same_box is not None:
             keep |= box_floor(state, same_box) < target
         if next_box is not None:
-            keep |= radius[next_box] ** 2 / dta_sq < target
+            keep |= distance_term[next_box] < target
         return keep
 
     def retire(state, keep):
@@ -590,7 +590,7 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
             tol = active.tolerance[hopeful] if torch.is_tensor(active.tolerance) else active.tolerance
             dose_diff = _min_dose_difference(grid.flat, active.voxel_index[hopeful], active.reference[hopeful],
                                              kernels[s], chunk_size)
-            shell_gamma_sq = (dose_diff / tol).double().square_().add_(radius[s] ** 2 / dta_sq)
+            shell_gamma_sq = (dose_diff.double() / tol).square_().add_(distance_term[s])
             active.best[hopeful] = torch.minimum(active.best[hopeful], shell_gamma_sq)
         active = retire(active, still_improvable(active, s + 1))
     result[active.ids] = active.best
@@ -625,8 +625,8 @@ def _evaluated_gamma(reference: ArrayLike, evaluated: ArrayLike, spacing_mm, dos
     """Checked inputs -> (shape, device, voxels (N,) flat indices, gamma (N,) float32 rounded up)."""
     settings = _settings(spacing_mm, dose_percent, distance_mm, cutoff_percent, local, max_gamma, interp_fraction)
     chunk_size = int(_positive_number("chunk_size", chunk_size))
-    if random_subset is not None and (isinstance(random_subset, bool) or not isinstance(random_subset, (int, np.integer))
-                                      or random_subset < 0):
+    subset_is_count = isinstance(random_subset, (int, np.integer)) and not isinstance(random_subset, bool)
+    if random_subset is not None and not (subset_is_count and random_subset >= 0):
         raise ValueError(f"random_subset must be a non-negative int or None, got {random_subset!r}")
     device = reference.device if isinstance(reference, torch.Tensor) else torch.device("cpu")
     ref, ref_max = _dose_tensor("reference", reference, device)
@@ -681,9 +681,9 @@ def gamma_index(reference: ArrayLike, evaluated: ArrayLike, spacing_mm, dose_per
         unchanged but passing gammas are then upper bounds), as in pymedphys.
     random_subset: evaluate only this many voxels, chosen at random (reproducibly, with ``seed``)
         among those above the cutoff and in the mask.
-    chunk_size: at most this many voxel x search-point dose differences are held at once
-        (4 bytes each, plus 12 bytes per voxel and shell corner); memory also holds about
-        40 bytes per evaluated voxel and a padded copy of the evaluated dose.
+    chunk_size: at most this many voxel x search-point doses (or voxel x box-voxel doses) are
+        handled at once; peak memory is about 30 bytes x chunk_size (~130 MB by default), plus
+        about 60 bytes per evaluated voxel and a padded copy of the evaluated dose's dose region.
 
     Returns gamma (X, Y, Z) float32 of the input's kind (numpy array, or tensor on the reference's
     device), NaN where not evaluated. Values are the float64 results rounded up to float32, so

@@ -83,10 +83,12 @@ def gaussian_importance_map(patch_size: Size3, sigma_scale: float = 0.125, floor
     for length in patch:
         position = torch.arange(length, dtype=torch.float64, device=device) - (length - 1) / 2.0
         sigma = sigma_scale * length
-        profiles.append(torch.exp(-0.5 * (position / sigma) ** 2))
+        profile = torch.exp(-0.5 * (position / sigma) ** 2)
+        # Each profile peaks at 1, so their product does; the 3-D map is built in float32
+        # directly (float64 temporaries of a 128^3 map would add ~40 MB to the peak memory).
+        profiles.append((profile / profile.max()).to(torch.float32))
     weights = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
-    weights = weights / weights.max()
-    return weights.clamp_(min=floor).to(torch.float32)
+    return weights.clamp_(min=floor)
 
 
 @torch.no_grad()
@@ -99,10 +101,12 @@ def sliding_window_inference(volume: torch.Tensor, predictor: Callable[..., torc
     """Apply a window-sized ``predictor`` over a whole volume and blend the windows.
 
     Args:
-        volume: (B, C, X, Y, Z) tensor. Only window-sized slices of it are copied.
+        volume: (B, C, X, Y, Z) tensor. At most one batch of windows is copied out of it.
         predictor: maps a batch of windows (N, C, px, py, pz) (plus, per ``volume_args``, the
             rows of each window's volume) to (N, C_out, px, py, pz). It may run under autocast
-            and return bf16/fp16: outputs are cast to float32 before accumulation.
+            and return bf16/fp16: outputs are cast to float32 before accumulation. With one
+            window per call the windows are views of ``volume`` (no copy), so the predictor
+            must not modify its input in place.
         patch_size: window size in voxels, int or (px, py, pz).
         overlap: minimum overlap of neighbouring windows in voxels, int or 3-tuple, < patch.
         batch_size: windows per predictor call; windows of different volumes share calls.
@@ -146,9 +150,14 @@ def sliding_window_inference(volume: torch.Tensor, predictor: Callable[..., torc
     output_sum = None
     batches = [tasks[i:i + batch_size] for i in range(0, len(tasks), batch_size)]
     for batch in tqdm(batches, desc="windows", disable=not progress):
-        inputs = torch.stack([window.extract(volume[b]) for b, window in batch])
-        index = torch.tensor([b for b, _ in batch], dtype=torch.long, device=volume.device)
-        rows = [arg[index.to(arg.device)] for arg in volume_args]
+        if len(batch) == 1:  # a view of the volume where no padding is needed: no copy
+            inputs = batch[0][1].extract(volume[batch[0][0]])[None]
+        else:
+            inputs = torch.stack([window.extract(volume[b]) for b, window in batch])
+        rows = []
+        if volume_args:
+            index = torch.tensor([b for b, _ in batch], dtype=torch.long)
+            rows = [arg[index.to(arg.device)] for arg in volume_args]
         outputs = predictor(inputs, *rows)
         _check_prediction(outputs, len(batch), patch)
         if output_sum is None:
@@ -156,7 +165,9 @@ def sliding_window_inference(volume: torch.Tensor, predictor: Callable[..., torc
                                      dtype=torch.float32, device=acc_device)
         outputs = outputs.to(device=acc_device, dtype=torch.float32)
         for (b, window), output in zip(batch, outputs):
-            output_sum[(b, slice(None)) + window.target] += output[(slice(None),) + window.crop] * weights[window.crop]
+            output_sum[(b, slice(None)) + window.target].addcmul_(output[(slice(None),) + window.crop],
+                                                                  weights[window.crop])
+        del inputs, outputs, output  # not held while the next batch is predicted
     output_sum /= weight_sum
     return output_sum.to(volume.device)
 

@@ -29,7 +29,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
+
+# PyTorch runs a float32 CPU convolution on oneDNN only when (batch x channels x X x Y) exceeds
+# this (or the batch is > 1, ...); below it, it takes a slow im2col path that reaches 10-20% of
+# oneDNN's FLOP/s. The deep levels of a U-Net on one patch fall below it (see ``conv3d``).
+_ONEDNN_MIN_SIZE = 20480
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -53,6 +59,102 @@ def embedding_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
 
+def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for x (B, C, X, Y, Z), computed the fastest way we know on CPU.
+
+    * 1x1x1 kernel, channels-last x: one matmul over the channel axis.
+    * float32 CPU input with batch 1 and channels x X x Y <= ``_ONEDNN_MIN_SIZE`` (where PyTorch
+      would pick its slow path): the volume is cut in two halves along X, each with ``padding``
+      rows of halo (zeros at the volume border), and the halves go through the convolution as a
+      batch of 2, which PyTorch hands to oneDNN.
+    * anything else (GPU, bf16 autocast, batches > 1, large levels): ``conv(x)``.
+
+    The results equal ``conv(x)`` up to float rounding; gradients flow as usual.
+    """
+    if conv.kernel_size == (1, 1, 1) and conv.groups == 1 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        # A 1x1x1 convolution of channels-last data is a matmul over the channel axis:
+        # (B, X, Y, Z, C_in) @ (C_in, C_out). One GEMM; PyTorch's CPU conv would often take its
+        # slow path here (it does for 1x1 kernels whenever it runs single-threaded).
+        weight = conv.weight.reshape(conv.out_channels, conv.in_channels)
+        return F.linear(x.permute(0, 2, 3, 4, 1), weight, conv.bias).permute(0, 4, 1, 2, 3)
+    if not _use_halves(conv, x):
+        return conv(x)
+    return _HalvesConv3d.apply(x, conv.weight, conv.bias, conv.padding[0])
+
+
+def _use_halves(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    batch, channels, size_x, size_y = x.shape[:4]
+    padding = conv.padding
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and batch == 1
+            and channels * size_x * size_y <= _ONEDNN_MIN_SIZE and size_x % 2 == 0
+            and size_x // 2 >= padding[0] and not torch.is_autocast_enabled("cpu")
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and conv.groups == 1 and conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1)
+            and isinstance(padding, tuple) and len(set(padding)) == 1 and conv.padding_mode == "zeros")
+
+
+class _HalvesConv3d(torch.autograd.Function):
+    """conv3d of a (1, C, X, Y, Z) input computed on its two X-halves as a batch of 2."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pad):
+        halves = _split_halves(x, pad)
+        y = F.conv3d(halves, weight, bias, padding=(0, pad, pad))
+        ctx.save_for_backward(halves, weight)
+        ctx.pad, ctx.has_bias = pad, bias is not None
+        return _join_halves(y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        halves, weight = ctx.saved_tensors
+        pad = ctx.pad
+        grad_halves = _split_halves(grad, 0)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_halves, halves, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1, 1],
+            [0, pad, pad], [1, 1, 1], False, [0, 0, 0], 1, mask)
+        if grad_x is not None:
+            grad_x = _merge_halves_grad(grad_x, pad)
+        return grad_x, grad_weight, grad_bias, None
+
+
+def _split_halves(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """(1, C, 2h, Y, Z) -> (2, C, h + 2*pad, Y, Z): rows [-pad, h + pad) and [h - pad, 2h + pad)."""
+    channels, size_x, size_y, size_z = x.shape[1:]
+    half = size_x // 2
+    if pad == 0:  # a view when x is channels-last (B outermost, then X)
+        return x[0].reshape(channels, 2, half, size_y, size_z).transpose(0, 1)
+    halves = torch.empty((2, channels, half + 2 * pad, size_y, size_z), dtype=x.dtype, device=x.device,
+                         memory_format=torch.channels_last_3d)
+    halves[0, :, pad:] = x[0, :, :half + pad]
+    halves[1, :, :half + pad] = x[0, :, half - pad:]
+    halves[0, :, :pad] = 0
+    halves[1, :, half + pad:] = 0
+    return halves
+
+
+def _join_halves(y: torch.Tensor) -> torch.Tensor:
+    """(2, C, h, Y, Z) -> (1, C, 2h, Y, Z) (a view when y is channels-last)."""
+    channels, half, size_y, size_z = y.shape[1:]
+    return y.transpose(0, 1).reshape(channels, 2 * half, size_y, size_z)[None]
+
+
+def _merge_halves_grad(grad_halves: torch.Tensor, pad: int) -> torch.Tensor:
+    """Gradient w.r.t. the (1, C, 2h, Y, Z) input from that w.r.t. its halves (halos added back)."""
+    if pad == 0:
+        return _join_halves(grad_halves)
+    channels, size_y, size_z = grad_halves.shape[1], grad_halves.shape[3], grad_halves.shape[4]
+    half = grad_halves.shape[2] - 2 * pad
+    grad = torch.empty((1, channels, 2 * half, size_y, size_z), dtype=grad_halves.dtype,
+                       device=grad_halves.device, memory_format=torch.channels_last_3d)
+    grad[0, :, :half] = grad_halves[0, :, pad:pad + half]
+    grad[0, :, half:] = grad_halves[1, :, pad:pad + half]
+    grad[0, :, half:half + pad] += grad_halves[0, :, half + pad:]
+    grad[0, :, half - pad:half] += grad_halves[1, :, :pad]
+    return grad
+
+
 class ConvBlock(nn.Module):
     """Residual double 3x3x3 conv with GroupNorm, SiLU and FiLM: (B, in, ...) -> (B, out, ...)."""
 
@@ -66,11 +168,28 @@ class ConvBlock(nn.Module):
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(self.conv1(x))
-        scale, shift = self.film(cond)[:, :, None, None, None].chunk(2, dim=1)
-        h = F.silu(h * (1 + scale) + shift)
-        h = F.silu(self.norm2(self.conv2(h)))
-        return h + self.skip(x)
+        scale, shift = self.film(cond).chunk(2, dim=1)
+        h = F.silu(group_norm_film(conv3d(self.conv1, x), self.norm1, scale, shift))
+        h = F.silu(self.norm2(conv3d(self.conv2, h)))
+        skip = x if isinstance(self.skip, nn.Identity) else conv3d(self.skip, x)
+        # In place: SiLU's backward needs its input, not its output, so h may be overwritten.
+        return h.add_(skip)
+
+
+def group_norm_film(h: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``norm(h) * (1 + scale) + shift`` for h (B, C, ...) and per-sample scale, shift (B, C).
+
+    The GroupNorm's own affine (gamma, beta) and FiLM are one per-sample affine map,
+    gamma * (1 + scale) and beta * (1 + scale) + shift, so they are applied together:
+    inside the GroupNorm kernel for a batch of 1, as one ``addcmul`` otherwise. This saves one
+    or two passes over h (forward and backward) compared with normalise, multiply, add.
+    """
+    gain = norm.weight * (1 + scale)
+    bias = norm.bias * (1 + scale) + shift
+    if h.shape[0] == 1:
+        return F.group_norm(h, norm.num_groups, gain[0], bias[0], norm.eps)
+    h = F.group_norm(h, norm.num_groups, None, None, norm.eps)
+    return torch.addcmul(bias[:, :, None, None, None], h, gain[:, :, None, None, None])
 
 
 class UNet3DBackbone(nn.Module):
@@ -136,6 +255,11 @@ class UNet3DBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+            # float32 oneDNN 3-D convolutions are fastest on channels-last (B, X, Y, Z, C) memory
+            # and every op below keeps that layout (measured: 10-30% faster training steps).
+            # Not under bf16 autocast, where the channels-first layout measured ~8% faster.
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         skips = []
         h = x
         for i, block in enumerate(self.encoder):
@@ -147,7 +271,7 @@ class UNet3DBackbone(nn.Module):
         for block, skip in zip(self.decoder, reversed(skips[:-1])):
             h = F.interpolate(h, scale_factor=2, mode="trilinear", align_corners=False)
             h = self._block(block, torch.cat([h, skip.to(h.dtype)], dim=1), cond)
-        return self.output(h)
+        return conv3d(self.output, h).contiguous()
 
 
 def _constraint_input(constraints: torch.Tensor | None, batch: int, constraint_dim: int, like: torch.Tensor):

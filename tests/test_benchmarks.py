@@ -1,0 +1,74 @@
+"""Smoke tests of the benchmarks (benchmarks/): tiny settings, results checked, never timings."""
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+def has_monai():
+    try:
+        importlib.import_module("monai")
+        importlib.import_module("einops")
+    except ImportError:
+        return False
+    return True
+
+
+def test_diffusion_benchmark_counts_windows_and_batch_size_does_not_change_the_sample(tmp_path):
+    bench = load("bench_diffusion_predict")
+    out = tmp_path / "diffusion.json"
+    assert bench.main(["--shape", "24", "24", "16", "--patch", "16", "--overlap", "4", "--steps", "2",
+                       "--base", "8", "--levels", "2", "--batch-sizes", "1", "3", "--repeats", "1",
+                       "--threads", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["windows"] == 2 * 2 * 1
+    assert len(result["rows"]) == 4
+    for row in result["rows"]:
+        assert row["windows_evaluated"] == result["windows"] * 2  # windows x steps, in both modes
+        expected_calls = 2 * (-(-result["windows"] // row["batch_size"]))
+        if row["mode"] == "synchronous":
+            assert row["model_calls"] == expected_calls
+        assert row["median_s"] > 0
+    assert result["synchronous_batch_size_mean_diff"] < 1e-4
+    assert result["machine"]["torch_threads"] == 1 and "load_average_1min" in result["machine"]
+
+
+@pytest.mark.skipif(not has_monai(), reason="MONAI (benchmark-only) is not installed: pip install monai einops")
+def test_train_step_benchmark_reports_every_model(tmp_path):
+    bench = load("bench_train_step")
+    out = tmp_path / "train.json"
+    assert bench.main(["--patch", "16", "--base", "8", "--precision", "fp32", "--repeats", "1", "--warmup", "0",
+                       "--matmul-size", "64", "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["model"] for row in rows] == ["SimpleUNet3D", "BaselineUNet3D", "MONAI DiffusionModelUNet"]
+    for row in rows:
+        assert row["gflop_per_step"] > 0 and row["voxels_per_s"] > 0 and row["percent_of_matmul"] > 0
+    assert rows[-1]["voxels_per_s_vs_monai"] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(not has_monai(), reason="MONAI (benchmark-only) is not installed: pip install monai einops")
+def test_sliding_window_benchmark_grids_and_agreement(tmp_path, capsys):
+    bench = load("bench_sliding_window")
+    out = tmp_path / "sw.json"
+    # 16-voxel windows overlapping by 4 on a 40-voxel axis: MONAI's interval int(16 * 0.75) = 12
+    # gives the same starts as ours (0, 12, 24), so the two blends differ only in the Gaussian.
+    assert bench.main(["--shape", "40", "40", "40", "--patch", "16", "--overlap", "4", "--repeats", "1",
+                       "--threads", "1", "--no-memory", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["grid"]["ours"] == result["grid"]["monai"] == [[0, 12, 24]] * 3
+    assert [row["windows"] for row in result["rows"]] == [27, 27, 27]
+    assert result["agreement"]["mean_abs_diff"] < 0.05 * result["agreement"]["output_abs_max"]
+    capsys.readouterr()
+    assert bench.main(["--worker", "ours", "--shape", "40", "40", "40", "--patch", "16", "--overlap", "4",
+                       "--threads", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_rss_growth_bytes"] >= 0

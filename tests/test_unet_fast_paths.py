@@ -1,0 +1,46 @@
+"""The CPU fast paths of vmat_diffusion.unet.conv3d give the same results as nn.Conv3d."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vmat_diffusion.unet import _HalvesConv3d, _use_halves, conv3d
+
+
+@pytest.mark.parametrize("in_channels, out_channels, size, kernel", [(16, 32, 16, 3), (4, 4, 6, 3), (8, 8, 2, 3),
+                                                                      (32, 16, 8, 1)])
+def test_conv3d_fast_paths_match_plain_convolution(in_channels, out_channels, size, kernel):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(in_channels, out_channels, kernel, padding=kernel // 2)
+    x = torch.randn(1, in_channels, size, size + 2, size + 4).contiguous(memory_format=torch.channels_last_3d)
+    assert kernel == 1 or _use_halves(conv, x)
+    fast_x, plain_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fast = conv3d(conv, fast_x)
+    grad = torch.randn_like(fast)
+    fast.backward(grad)
+    fast_grads = [p.grad.clone() for p in conv.parameters()]
+    conv.zero_grad()
+    plain = F.conv3d(plain_x, conv.weight, conv.bias, padding=kernel // 2)
+    plain.backward(grad)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast_x.grad, plain_x.grad, rtol=1e-4, atol=1e-5)
+    for fast_grad, p in zip(fast_grads, conv.parameters()):
+        torch.testing.assert_close(fast_grad, p.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pad", [0, 1])
+def test_halves_convolution_gradcheck(pad):
+    generator = torch.Generator().manual_seed(0)
+    kernel = 2 * pad + 1
+    x = torch.randn(1, 2, 4, 3, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(3, 2, kernel, kernel, kernel, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: _HalvesConv3d.apply(*a, pad), (x, weight, bias))
+
+
+def test_halves_path_is_skipped_where_pytorch_is_fast():
+    conv = torch.nn.Conv3d(8, 8, 3, padding=1)
+    assert not _use_halves(conv, torch.randn(2, 8, 8, 8, 8))  # batch > 1
+    assert not _use_halves(conv, torch.randn(1, 8, 7, 8, 8))  # odd X
+    assert not _use_halves(conv, torch.randn(1, 8, 64, 64, 8))  # large enough for oneDNN
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _use_halves(conv, torch.randn(1, 8, 8, 8, 8))
