@@ -29,15 +29,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from scipy import ndimage
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info  # noqa: E402  (sets OMP_WAIT_POLICY before torch loads)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
 from vmat_diffusion.gamma import gamma_index, pass_rate_from_gamma
 
@@ -208,8 +209,7 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(
             criteria=CRITERIA, threads=args.threads, repeats=args.repeats, op_overhead_ms=overhead,
-            load_average=list(os.getloadavg()), python=sys.version.split()[0],
-            torch=torch.__version__, platform=platform.platform(), processor=platform.processor(), rows=rows,
+            machine=machine_info(torch.device("cpu")), rows=rows,
         ), indent=2))
     return 0
 

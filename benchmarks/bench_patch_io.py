@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -32,9 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info  # noqa: E402
 
-from vmat_diffusion.store import open_store_case
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from vmat_diffusion.store import open_store_case  # noqa: E402
 
 N_STRUCTURES = 8
 
@@ -226,8 +229,7 @@ def run(args) -> dict:
         return {"shape": list(shape), "channels": N_STRUCTURES + 2, "patch": p, "case_gb": case_bytes / 1e9,
                 "npz_gb": npz_path.stat().st_size / 1e9, "store_write_s": t_store, "npz_write_s": t_npz,
                 "page_cache_dropped": dropped, "page_cache_freed_gb": (cached_before - cached_after) / 1e9,
-                "rows": rows, "python": sys.version.split()[0],
-                "numpy": np.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count()}
+                "rows": rows, "machine": machine_info(torch.device("cpu"))}
     finally:
         if args.keep:
             print(f"kept {workdir}")

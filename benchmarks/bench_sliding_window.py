@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (configure_threads, load_average, machine_info, parse_device,  # noqa: E402  (before torch)
+from common import (configure_threads, load_average, machine_info, machine_summary, parse_device,  # noqa: E402  (before torch)
                     peak_rss_bytes, print_table, run_json_subprocess, summarize_times, synchronize,
                     time_interleaved, write_json)
 
@@ -189,8 +189,7 @@ def main(argv=None) -> int:
     device = parse_device(args.device)
     configure_threads(args.threads or None)
     info = machine_info(device)
-    print(f"{info['cpu']} ({info['cpu_count']} CPUs, {info['torch_threads']} torch threads), device {device}, "
-          f"torch {info['torch']}, monai {info['monai']}, load average {info['load_average_1min']}")
+    print(machine_summary(info))
     predictor = make_predictor(args.model, args.channels, device)
     volume = make_volume(args, device)
 

@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (configure_threads, machine_info, load_average, parse_device,  # noqa: E402  (before torch)
+from common import (configure_threads, load_average, machine_info, machine_summary, parse_device,  # noqa: E402  (before torch)
                     print_table, summarize_times, time_interleaved, write_json)
 
 import torch  # noqa: E402
@@ -232,8 +232,7 @@ def main(argv=None) -> int:
     device = parse_device(args.device)
     configure_threads(args.threads or None)
     info = machine_info(device)
-    print(f"{info['cpu']} ({info['cpu_count']} CPUs, {info['torch_threads']} torch threads), device {device}, "
-          f"torch {info['torch']}, monai {info['monai']}, load average {info['load_average_1min']}")
+    print(machine_summary(info))
     rows = []
     for patch in args.patch:
         for batch in args.batch:

@@ -139,6 +139,13 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def machine_summary(info: dict) -> str:
+    """One line for the top of a benchmark's output: CPU, threads, device, versions, load."""
+    monai = f", monai {info['monai']}" if info.get("monai") else ""
+    return (f"{info['cpu']} ({info['cpu_count']} CPUs, {info['torch_threads']} torch threads), "
+            f"device {info['device']}, torch {info['torch']}{monai}, load average {info['load_average_1min']}")
+
+
 def format_row(values: Sequence[str], widths: Sequence[int]) -> str:
     return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
 
