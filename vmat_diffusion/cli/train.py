@@ -23,7 +23,7 @@ from typing import List, Optional
 
 from ..case import CaseFormatError
 from ..training.checkpoint import CheckpointError
-from ..training.config import MODELS, PRECISIONS, PRECISION_ALIASES, SCHEDULES, STRATEGIES, TrainConfig
+from ..training.config import LOSSES, MODELS, PRECISIONS, PRECISION_ALIASES, SCHEDULES, STRATEGIES, TrainConfig
 from ..training import distributed as dist_utils
 
 PROG = "vmat-train"
@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data_dir", required=True, help="folder of case .npz files")
     data.add_argument("--val_split", type=float, default=d.val_split, help="fraction of cases for validation")
     data.add_argument("--test_split", type=float, default=d.test_split, help="fraction of cases held out for testing")
+    data.add_argument("--val_dir", default=d.val_dir,
+                      help="folder of validation cases (instead of drawing --val_split of --data_dir)")
+    data.add_argument("--val_ids", nargs="+", default=None, metavar="CASE_ID",
+                      help="case ids in --data_dir to validate on (instead of drawing --val_split); "
+                           "commas also separate ids")
     data.add_argument("--patch_size", type=int, default=d.patch_size, help="cubic training patch size (voxels)")
     data.add_argument("--patches_per_volume", type=int, default=d.patches_per_volume,
                       help="patches drawn from each case per epoch")
@@ -70,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="micro-batches per optimizer step")
     opt.add_argument("--gradient_clip", type=float, default=d.gradient_clip, help="gradient-norm clip")
     opt.add_argument("--penalty_weight", type=float, default=d.penalty_weight, help="negative-dose penalty weight")
+    opt.add_argument("--loss", choices=LOSSES, default=d.loss,
+                     help="data term: mse (the guide's) or l1 (mean absolute error; baseline: dose/Rx, ddpm: noise)")
     opt.add_argument("--precision", choices=list(PRECISIONS) + list(PRECISION_ALIASES), default=d.precision,
-                     help="auto: bf16 where supported (CPU included), fp16+GradScaler on GPUs without bf16")
+                     help="auto: bf16 on GPUs with bf16 and on CPUs with AMX, fp16+GradScaler on older GPUs, "
+                          "fp32 otherwise")
     opt.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                      help="EMA of the weights for validation and checkpoints (default: on for ddpm, off for baseline)")
     opt.add_argument("--ema_decay", type=float, default=d.ema_decay, help="EMA decay")
@@ -86,12 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--gamma_subsample", type=int, default=d.gamma_subsample,
                      help="gamma is computed on every N-th voxel per axis")
     val.add_argument("--max_val_cases", type=int, default=None, help="validate on at most this many cases")
+    val.add_argument("--val_every", type=int, default=d.val_every,
+                     help="validate every N epochs (the last epoch always validates)")
 
     run = p.add_argument_group("run")
     run.add_argument("--log_dir", default=d.log_dir, help="parent folder of the run folder")
     run.add_argument("--exp_name", default=d.exp_name, help="run folder name inside log_dir")
     run.add_argument("--seed", type=int, default=d.seed, help="seed of the split, initialisation and sampling")
     run.add_argument("--resume", default=None, help="checkpoint to continue from (e.g. .../checkpoints/last.ckpt)")
+    run.add_argument("--max_minutes", type=float, default=None,
+                     help="time budget: stop (validated, checkpointed) before an epoch that would end past it; "
+                          "the LR schedule still follows --epochs")
     run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     run.add_argument("--devices", type=int, default=d.devices, help="processes (GPUs) per machine")
     run.add_argument("--num_nodes", type=int, default=d.num_nodes, help="machines (multi-node: prints the torchrun line)")
@@ -109,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = vars(args).copy()
+    if values.get("val_ids"):
+        values["val_ids"] = [part for item in values["val_ids"] for part in item.split(",") if part]
     return TrainConfig.from_dict(values)
 
 

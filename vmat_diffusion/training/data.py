@@ -72,18 +72,18 @@ class CaseCatalog:
         return len(self.cases)
 
 
-def scan_cases(data_dir, progress: bool = False) -> CaseCatalog:
-    """Load and validate every ``*.npz`` case in ``data_dir``.
+def scan_cases(data_dir, progress: bool = False, name: str = "data_dir") -> CaseCatalog:
+    """Load and validate every ``*.npz`` case in ``data_dir`` (``name``: the setting named in errors).
 
     Raises FileNotFoundError for a missing folder, ValueError for a folder without cases or
     cases that disagree on structures / constraint size, CaseFormatError for a broken case.
     """
     folder = Path(data_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"data_dir: {folder} is not a folder")
+        raise FileNotFoundError(f"{name}: {folder} is not a folder")
     paths = find_cases(folder)
     if not paths:
-        raise ValueError(f"data_dir: no case files (*.npz) in {folder}")
+        raise ValueError(f"{name}: no case files (*.npz) in {folder}")
     from tqdm.auto import tqdm
     infos: List[CaseInfo] = []
     for path in tqdm(paths, desc="checking cases", disable=not progress):
@@ -97,7 +97,7 @@ def scan_cases(data_dir, progress: bool = False) -> CaseCatalog:
     ids = [info.case_id for info in infos]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
-        raise ValueError(f"data_dir: duplicate case_id(s) {duplicates} in {folder}")
+        raise ValueError(f"{name}: duplicate case_id(s) {duplicates} in {folder}")
     return CaseCatalog(cases=infos, structures=list(infos[0].structures), constraint_dim=infos[0].constraint_dim)
 
 
@@ -145,6 +145,44 @@ def split_cases(cases: Sequence[CaseInfo], val_split: float = 0.1, test_split: f
     train = shuffled[n_test + n_val:]
     by_id = lambda part: sorted(part, key=lambda c: c.case_id)  # noqa: E731
     return CaseSplit(train=by_id(train), val=by_id(val), test=by_id(test))
+
+
+def split_with_validation(cases: Sequence[CaseInfo], val_cases: Sequence[CaseInfo], test_split: float = 0.0,
+                          seed: int = 42) -> CaseSplit:
+    """Split with a fixed validation set: ``val_cases`` validate; ``test_split`` of ``cases``
+    (drawn with ``seed`` as in ``split_cases``) is held out; the rest trains. Parts sorted by case_id."""
+    ordered = sorted(cases, key=lambda c: c.case_id)
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    shuffled = [ordered[i] for i in order]
+    n_test = max(1, round(len(shuffled) * test_split)) if test_split > 0 else 0
+    if len(shuffled) - n_test < 1:
+        raise ValueError(f"data_dir: {len(shuffled)} training case(s) are too few for test_split={test_split} "
+                         f"(needs {n_test} test + 1 training case)")
+    by_id = lambda part: sorted(part, key=lambda c: c.case_id)  # noqa: E731
+    return CaseSplit(train=by_id(shuffled[n_test:]), val=by_id(val_cases), test=by_id(shuffled[:n_test]))
+
+
+def select_cases(cases: Sequence[CaseInfo], ids: Sequence[str], data_dir) -> Tuple[List[CaseInfo], List[CaseInfo]]:
+    """(cases whose id is in ``ids``, the others); one error naming every id not found."""
+    wanted = list(dict.fromkeys(str(i) for i in ids))
+    by_id = {c.case_id: c for c in cases}
+    missing = [i for i in wanted if i not in by_id]
+    if missing:
+        raise ValueError(f"val_ids: case id(s) {missing} not found in data_dir {data_dir} "
+                         f"(it has {sorted(by_id)[:10]}{' ...' if len(by_id) > 10 else ''})")
+    chosen = set(wanted)
+    return [by_id[i] for i in wanted], [c for c in cases if c.case_id not in chosen]
+
+
+def check_same_channels(catalog: CaseCatalog, other: CaseCatalog, other_name: str) -> None:
+    """A second folder of cases (e.g. ``val_dir``) must match the training cases' channels and ids must not clash."""
+    first = catalog.cases[0]
+    for info in other.cases:
+        _check_consistent(first, info)
+    clash = sorted({c.case_id for c in catalog.cases} & {c.case_id for c in other.cases})
+    if clash:
+        raise ValueError(f"{other_name}: case id(s) {clash} are also in data_dir; a case cannot both train "
+                         "and validate")
 
 
 # --------------------------------------------------------------------------- reading cases

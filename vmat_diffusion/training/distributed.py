@@ -86,10 +86,19 @@ def all_reduce_sum(values: Sequence[float], device) -> List[float]:
 
 def all_true(flag: bool, device) -> bool:
     """True only if ``flag`` is True on every process (so all ranks take the same branch)."""
+    return _agree(flag, device, "min")
+
+
+def any_true(flag: bool, device) -> bool:
+    """True if ``flag`` is True on any process (so all ranks take the same branch)."""
+    return _agree(flag, device, "max")
+
+
+def _agree(flag: bool, device, how: str) -> bool:
     if not is_distributed():
         return bool(flag)
     tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN if how == "min" else dist.ReduceOp.MAX)
     return bool(tensor.item())
 
 

@@ -65,8 +65,9 @@ from . import distributed as dist_utils
 from .checkpoint import (FORMAT_VERSION, CheckpointError, best_checkpoint_name, build_model, capture_rng_state,
                          load_checkpoint, restore_rng_state, save_checkpoint, strip_module_prefix, to_plain)
 from .config import TrainConfig
-from .data import (CaseReader, EpochSampler, PatchDataset, derive_seed, make_train_loader, micro_batches,
-                   micro_batches_per_epoch, scan_cases, split_cases)
+from .data import (CaseCatalog, CaseReader, CaseSplit, EpochSampler, PatchDataset, check_same_channels, derive_seed,
+                   make_train_loader, micro_batches, micro_batches_per_epoch, scan_cases, select_cases, split_cases,
+                   split_with_validation)
 from .ema import EMA, unwrap_model
 from .losses import Objective, autocast_context, noise_loss, regression_loss
 from .run_logs import RunLog, count_parameters, environment_info, slice_panel, utc_now
@@ -111,11 +112,17 @@ def cpu_supports_bf16() -> bool:
     return any(bool(check()) for check in checks if callable(check))
 
 
+def cpu_has_amx() -> bool:
+    """True on CPUs with AMX tiles (where bf16 convolutions are much faster than fp32)."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check()) if callable(check) else False
+
+
 def resolve_precision(precision: str, device: torch.device) -> Tuple[Optional[torch.dtype], bool]:
     """(autocast dtype or None for fp32, whether to use a GradScaler) for ``precision``.
 
-    "auto": bf16 where supported (CUDA with bf16, CPU with native bf16), fp16 + GradScaler on
-    GPUs without bf16, fp32 otherwise. "bf16", "16" (CUDA only, with GradScaler), "32".
+    "auto": bf16 on CUDA GPUs with bf16 and on CPUs with AMX, fp16 + GradScaler on GPUs without
+    bf16, fp32 otherwise (CPUs with AVX512-BF16 only measured no faster in bf16: ``TrainConfig``). "bf16", "16" (CUDA only, with GradScaler), "32".
     """
     if precision == "32":
         return None, False
@@ -127,13 +134,19 @@ def resolve_precision(precision: str, device: torch.device) -> Tuple[Optional[to
         return torch.float16, True
     if device.type == "cuda":
         return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
-    if device.type == "cpu" and cpu_supports_bf16():
+    if device.type == "cpu" and cpu_has_amx():
         return torch.bfloat16, False
     return None, False
 
 
 def precision_name(dtype: Optional[torch.dtype]) -> str:
     return {None: "32", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[dtype]
+
+
+def denormals_flushed() -> bool:
+    """True when the CPU currently flushes denormal floats to zero (``torch.set_flush_denormal``)."""
+    tiny = torch.tensor(1e-39, dtype=torch.float32)  # below float32's smallest normal (1.2e-38)
+    return float(tiny * 1.0) == 0.0
 
 
 def enable_determinism() -> None:
@@ -321,7 +334,7 @@ def validate(model: nn.Module, cases: Iterable[Case], objective: Objective, *, p
         if objective.kind == "baseline":
             prediction = predict_dose_baseline(model, condition, constraints, rx, patch_size, overlap,
                                                autocast_dtype, window_batch_size)
-            loss = regression_loss(prediction, dose / rx, objective.penalty_weight).total
+            loss = regression_loss(prediction, dose / rx, objective.penalty_weight, objective.loss_kind).total
             predicted_gy = (prediction * rx).clamp_min(0.0)
         else:
             loss = _diffusion_validation_loss(model, objective, condition, constraints, dose, case.case_id,
@@ -364,7 +377,7 @@ def _diffusion_validation_loss(model, objective, condition, constraints, dose, c
             return model(windows, t.expand(windows.shape[0]), constraint_rows)
     eps_hat = sliding_window_inference(torch.cat([x_t, condition], dim=1), predictor, patch_size=patch_size,
                                        overlap=overlap, batch_size=window_batch_size, volume_args=(constraints,))
-    return noise_loss(eps_hat, noise, x_t, t, schedule, objective.penalty_weight).total
+    return noise_loss(eps_hat, noise, x_t, t, schedule, objective.penalty_weight, objective.loss_kind).total
 
 
 def _sample_dose(model, objective, condition, constraints, patch_size, overlap, autocast_dtype, window_batch_size,
@@ -436,7 +449,7 @@ class Trainer:
 
         # Cases: validate every file, split, and (when resuming) read the checkpoint.
         self.catalog = scan_cases(cfg.data_dir, progress=self.progress)
-        self.split = split_cases(self.catalog.cases, cfg.val_split, cfg.test_split, cfg.seed)
+        self.split = self._split_cases()
         checkpoint = load_checkpoint(cfg.resume, map_location="cpu") if cfg.resume else None
         if checkpoint is not None:
             self._adopt_checkpoint_settings(checkpoint)
@@ -453,7 +466,7 @@ class Trainer:
                                    cfg.base_channels, cfg.levels)
         self.model.to(self.device)
         self.schedule = NoiseSchedule(cfg.timesteps, cfg.schedule).to(self.device) if cfg.model == "ddpm" else None
-        self.objective = Objective(cfg.model, cfg.rx_dose_gy, cfg.penalty_weight, self.schedule)
+        self.objective = Objective(cfg.model, cfg.rx_dose_gy, cfg.penalty_weight, self.schedule, cfg.loss)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.use_ema else None
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -499,6 +512,22 @@ class Trainer:
         self.log = RunLog(self.run_dir, enabled=self.dist.is_main, first_epoch=self.epoch + 1)
         self.log.write_config(self._config_record())
         self.log.log_hparams(self._hparams())
+
+    def _split_cases(self) -> CaseSplit:
+        """Train/val/test cases: a seeded draw by fraction, or the explicit ``val_dir`` / ``val_ids``."""
+        cfg = self.config
+        if cfg.val_dir:
+            val_catalog = scan_cases(cfg.val_dir, progress=self.progress, name="val_dir")
+            check_same_channels(self.catalog, val_catalog, "val_dir")
+            all_cases = self.catalog.cases + val_catalog.cases
+            split = split_with_validation(self.catalog.cases, val_catalog.cases, cfg.test_split, cfg.seed)
+            self.catalog = CaseCatalog(cases=all_cases, structures=self.catalog.structures,
+                                       constraint_dim=self.catalog.constraint_dim)
+            return split
+        if cfg.val_ids:
+            val_cases, rest = select_cases(self.catalog.cases, cfg.val_ids, cfg.data_dir)
+            return split_with_validation(rest, val_cases, cfg.test_split, cfg.seed)
+        return split_cases(self.catalog.cases, cfg.val_split, cfg.test_split, cfg.seed)
 
     def _adopt_checkpoint_settings(self, checkpoint: dict) -> None:
         """A resumed run keeps the checkpoint's model and data settings; it must see the same split."""
@@ -551,7 +580,9 @@ class Trainer:
             "model_kind": cfg.model, "model_class": type(self.model).__name__,
             "model_config": self.model.config, **count_parameters(self.model),
             "hyperparameters": cfg.to_dict(),
-            "data": {"data_dir": str(cfg.data_dir), "n_cases": len(self.catalog),
+            "data": {"data_dir": str(cfg.data_dir), "val_dir": str(cfg.val_dir) if cfg.val_dir else None,
+                     "validation": "explicit" if cfg.explicit_validation else "val_split",
+                     "n_cases": len(self.catalog),
                      "train_count": len(split_ids["train"]), "val_count": len(split_ids["val"]),
                      "test_count": len(split_ids["test"]), "train_case_ids": split_ids["train"],
                      "val_case_ids": split_ids["val"], "test_case_ids": split_ids["test"],
@@ -576,10 +607,17 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         """Run (or resume) training to ``epochs`` or early stop; returns the summary dict."""
+        flushed_before = denormals_flushed()
         try:
             self.setup()
+            if self.device.type == "cpu":
+                # Guard: gradients behind zero-initialised output layers can become denormal, and
+                # x86 arithmetic on denormals is very slow (an AdamW step once measured 0.92 s
+                # instead of 21 ms in bench_train_step; BENCHMARKS.md).
+                torch.set_flush_denormal(True)
             return self._fit()
         finally:
+            torch.set_flush_denormal(flushed_before)
             if getattr(self, "log", None) is not None:
                 self.log.close()
             if getattr(self, "loader", None) is not None:
@@ -590,7 +628,7 @@ class Trainer:
     def _fit(self) -> dict:
         cfg = self.config
         start = self.run_start = time.time()
-        early_stopped = False
+        early_stopped, stop_reason = False, "max epochs"
         self._say(f"training {type(self.model).__name__} ({count_parameters(self.model)['total_parameters']:,} "
                   f"parameters) on {len(self.split.train)} cases, validating on {len(self.split.val)}; "
                   f"{self.micro_per_epoch} batches/epoch, precision {precision_name(self.autocast_dtype)}, "
@@ -603,7 +641,9 @@ class Trainer:
             except NonFiniteLossError as error:
                 self._write_summary(start, early_stopped=False, stop_reason=str(error))
                 raise
-            validation = self._validate()
+            stop_for_time = self._out_of_time(time.time() - epoch_start)
+            last_epoch = epoch == cfg.epochs or stop_for_time
+            validation = self._validate() if last_epoch or epoch % cfg.val_every == 0 else ValidationResult()
             self.epoch = epoch
             self.epoch_times.append(time.time() - epoch_start)
             improved = self._track_best(validation.mae_gy)
@@ -623,10 +663,27 @@ class Trainer:
                 self._say(f"early stop: no better validation MAE for {cfg.patience} epochs "
                           f"(best {self.best_val_mae:.3f} Gy at epoch {self.best_epoch})")
                 break
+            if stop_for_time and epoch < cfg.epochs:
+                stop_reason = "time budget"
+                self._say(f"stopping after epoch {epoch}: the next epoch would end past --max_minutes "
+                          f"{cfg.max_minutes:g} (the learning-rate schedule was set for {cfg.epochs} epochs)")
+                break
             if cfg.gpu_cooling and epoch < cfg.epochs:
                 time.sleep(cfg.epoch_pause)
-        self.summary = self._write_summary(start, early_stopped, "early stopping" if early_stopped else "max epochs")
+        if early_stopped:
+            stop_reason = "early stopping"
+        self.summary = self._write_summary(start, early_stopped, stop_reason)
         return self.summary
+
+    def _out_of_time(self, train_seconds: float) -> bool:
+        """True when another epoch (estimated from the mean epoch time, this one's training part
+        included) would end past ``max_minutes``. All processes agree (any one out of time stops all)."""
+        cfg = self.config
+        if cfg.max_minutes is None:
+            return False
+        elapsed = self.elapsed_before + (time.time() - self.run_start)
+        per_epoch = float(np.mean(self.epoch_times + [train_seconds]))
+        return dist_utils.any_true(elapsed + per_epoch > 60.0 * cfg.max_minutes, self.device)
 
     def _seed_epoch(self, epoch: int) -> None:
         """Every RNG of this process as a function of (seed, epoch, rank): resume is exact on every rank."""

@@ -4,6 +4,8 @@ Baseline (``BaselineUNet3D``, the primary model) regresses dose / Rx::
 
     loss = MSE(pred, dose / Rx) + penalty_weight * mean(relu(-pred)^2)
 
+(``loss="l1"``: the mean absolute error replaces the MSE, in both models.)
+
 DDPM (``SimpleUNet3D``) predicts the noise added to x0 = ``dose_to_unit(dose, Rx)`` (in [-1, 1])::
 
     loss = MSE(eps_hat, eps) + penalty_weight * mean_b[ alpha_bar_t * mean(relu(-d0_hat)^2) ]
@@ -21,13 +23,14 @@ on the scale of the MSE at every t, acts mostly at low noise levels where x0_hat
 and vanishes smoothly as t -> T. The penalty is computed in float32 outside autocast.
 
 ``penalty_weight`` defaults to 0.1 (the training guide's value). Both losses return a
-``LossParts`` (total, mse, penalty) of float32 scalars.
+``LossParts`` (total, mse, penalty, data) of float32 scalars: ``data`` is the term trained on
+(MSE or L1), ``mse`` is always the MSE (for logs that compare runs).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +43,18 @@ class LossParts:
     total: torch.Tensor
     mse: torch.Tensor
     penalty: torch.Tensor
+    data: torch.Tensor
+
+
+LOSS_KINDS = ("mse", "l1")
+
+
+def data_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the data term of ``kind`` ("mse" or "l1"), the MSE) of two float32 tensors."""
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"loss: expected one of {', '.join(LOSS_KINDS)}, got {kind!r}")
+    mse = F.mse_loss(prediction, target)
+    return (mse if kind == "mse" else F.l1_loss(prediction, target)), mse
 
 
 def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
@@ -59,37 +74,38 @@ def baseline_inputs(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([batch["ct"], batch["masks_sdf"]], dim=1)
 
 
-def regression_loss(prediction: torch.Tensor, target: torch.Tensor, penalty_weight: float = 0.1) -> LossParts:
+def regression_loss(prediction: torch.Tensor, target: torch.Tensor, penalty_weight: float = 0.1,
+                    loss: str = "mse") -> LossParts:
     """Baseline loss from a prediction and target in dose / Rx units (B, 1, X, Y, Z)."""
     prediction = prediction.float()
-    mse = F.mse_loss(prediction, target.float())
+    data, mse = data_loss(prediction, target.float(), loss)
     penalty = negative_dose_penalty(prediction).mean()
-    return LossParts(total=mse + penalty_weight * penalty, mse=mse, penalty=penalty)
+    return LossParts(total=data + penalty_weight * penalty, mse=mse, penalty=penalty, data=data)
 
 
 def noise_loss(eps_hat: torch.Tensor, noise: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule,
-               penalty_weight: float = 0.1) -> LossParts:
-    """DDPM loss from the predicted noise (module doc): MSE + alpha-bar-weighted penalty on x0_hat."""
+               penalty_weight: float = 0.1, loss: str = "mse") -> LossParts:
+    """DDPM loss from the predicted noise (module doc): MSE (or L1) + alpha-bar-weighted penalty on x0_hat."""
     eps_hat = eps_hat.float()
-    mse = F.mse_loss(eps_hat, noise.float())
+    data, mse = data_loss(eps_hat, noise.float(), loss)
     x0_hat = schedule.predict_x0(x_t, eps_hat, t)
     alpha_bar = schedule.alpha_bar(t).to(device=eps_hat.device, dtype=torch.float32)
     penalty = (alpha_bar * negative_dose_penalty(unit_to_dose(x0_hat, 1.0))).mean()
-    return LossParts(total=mse + penalty_weight * penalty, mse=mse, penalty=penalty)
+    return LossParts(total=data + penalty_weight * penalty, mse=mse, penalty=penalty, data=data)
 
 
 def baseline_loss(model, batch: Dict[str, torch.Tensor], rx_dose_gy: float, penalty_weight: float = 0.1,
-                  autocast_dtype: Optional[torch.dtype] = None) -> LossParts:
+                  autocast_dtype: Optional[torch.dtype] = None, loss: str = "mse") -> LossParts:
     """Regression loss on a batch (tensors on the model's device, dose in Gy)."""
     target = batch["dose"].float() / rx_dose_gy
     with autocast_context(target.device, autocast_dtype):
         prediction = model(baseline_inputs(batch), batch["constraints"])
-    return regression_loss(prediction, target, penalty_weight)
+    return regression_loss(prediction, target, penalty_weight, loss)
 
 
 def diffusion_loss(model, batch: Dict[str, torch.Tensor], schedule, rx_dose_gy: float, penalty_weight: float = 0.1,
                    generator: Optional[torch.Generator] = None,
-                   autocast_dtype: Optional[torch.dtype] = None) -> LossParts:
+                   autocast_dtype: Optional[torch.dtype] = None, loss: str = "mse") -> LossParts:
     """Noise-prediction loss with the alpha-bar-weighted negative-dose penalty (module doc).
 
     Timesteps and noise are drawn with ``generator`` (on the generator's device, then moved).
@@ -102,29 +118,32 @@ def diffusion_loss(model, batch: Dict[str, torch.Tensor], schedule, rx_dose_gy: 
     condition = baseline_inputs(batch)
     with autocast_context(x0.device, autocast_dtype):
         eps_hat = model(torch.cat([x_t, condition], dim=1), t, batch["constraints"])
-    return noise_loss(eps_hat, noise, x_t, t, schedule, penalty_weight)
+    return noise_loss(eps_hat, noise, x_t, t, schedule, penalty_weight, loss)
 
 
 @dataclass
 class Objective:
     """Which model is trained and how its loss is computed.
 
-    kind: "baseline" or "ddpm"; schedule: the ``NoiseSchedule`` (ddpm only).
+    kind: "baseline" or "ddpm"; schedule: the ``NoiseSchedule`` (ddpm only); loss_kind: "mse" or "l1".
     """
     kind: str
     rx_dose_gy: float
     penalty_weight: float = 0.1
     schedule: Optional[torch.nn.Module] = None
+    loss_kind: str = "mse"
 
     def __post_init__(self):
         if self.kind not in ("baseline", "ddpm"):
             raise ValueError(f"kind: expected 'baseline' or 'ddpm', got {self.kind!r}")
         if self.kind == "ddpm" and self.schedule is None:
             raise ValueError("schedule: a NoiseSchedule is required for kind='ddpm'")
+        if self.loss_kind not in LOSS_KINDS:
+            raise ValueError(f"loss: expected one of {', '.join(LOSS_KINDS)}, got {self.loss_kind!r}")
 
     def loss(self, model, batch, generator: Optional[torch.Generator] = None,
              autocast_dtype: Optional[torch.dtype] = None) -> LossParts:
         if self.kind == "baseline":
-            return baseline_loss(model, batch, self.rx_dose_gy, self.penalty_weight, autocast_dtype)
+            return baseline_loss(model, batch, self.rx_dose_gy, self.penalty_weight, autocast_dtype, self.loss_kind)
         return diffusion_loss(model, batch, self.schedule, self.rx_dose_gy, self.penalty_weight,
-                              generator, autocast_dtype)
+                              generator, autocast_dtype, self.loss_kind)
