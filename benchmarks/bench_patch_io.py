@@ -9,6 +9,8 @@ times reading one random ``--patch``^3 patch of all channels:
   from the OS page cache where the OS honours it), every patch at a new random position;
 * store, warm: the same positions again (pages cached);
 * store, warm, into preallocated arrays (no fresh memory to fault in);
+* the training path: ``PatchSampler`` cutting the same patches from the store case (tensors),
+  with 1 and 2 read threads;
 * in-RAM floor: the same strided copy from arrays already in memory;
 * npz: ``np.load`` + indexing, which decompresses every channel (``--npz-repeats`` times).
 
@@ -37,6 +39,7 @@ from common import machine_info  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from vmat_diffusion.patches import PatchSampler  # noqa: E402
 from vmat_diffusion.store import open_store_case  # noqa: E402
 
 N_STRUCTURES = 8
@@ -210,6 +213,11 @@ def run(args) -> dict:
         buffers = (np.empty((p, p, p), np.float32), np.empty((N_STRUCTURES, p, p, p), np.float32),
                    np.empty((p, p, p), np.float32))
         warm_into = time_calls(lambda c: read_store_patch_into(case, c, p, buffers), [(c,) for c in corners])
+        centers = [tuple(c + p // 2 for c in corner) for corner in corners]
+        via_sampler = {}
+        for threads in (1, 2):   # the training path: PatchSampler cutting tensors out of the store case
+            sampler = PatchSampler(patch_size=p, patches_per_volume=1, read_threads=threads)
+            via_sampler[threads] = time_calls(lambda c: sampler._extract(case, c, False), [(c,) for c in centers])
         floor = in_ram_floor(shape, p, args.reads, args.seed + 2)
         npz = time_calls(lambda c: read_npz_patch(npz_path, c, args.patch),
                          [(c,) for c in corners[:args.npz_repeats]])
@@ -221,6 +229,8 @@ def run(args) -> dict:
         rows = [summarize("store (memmap), warm", warm),
                 summarize("store (memmap), cold" + ("" if dropped else " (page cache not dropped)"), cold),
                 summarize("store (memmap), warm, into preallocated", warm_into),
+                summarize("PatchSampler, warm, read_threads=1", via_sampler[1]),
+                summarize("PatchSampler, warm, read_threads=2", via_sampler[2]),
                 summarize("in-RAM numpy copy, same strides (floor)", floor),
                 summarize("npz (np.load + index)", npz)]
         npz_median = rows[-1]["median_ms"]

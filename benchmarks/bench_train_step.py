@@ -9,7 +9,12 @@ together with a square matmul of ``--matmul-size`` in the same dtype, the machin
 * patch-voxels per second (batch x patch^3 / median step time) and the ratio to MONAI;
 * model FLOPs of forward + backward (counted once with ``torch.utils.flop_counter``:
   convolutions and matmuls only, the optimizer and elementwise ops count 0), achieved
-  FLOP/s (FLOPs / step time) and that as % of the matmul FLOP/s.
+  FLOP/s (FLOPs / step time) and that as % of the matmul FLOP/s;
+* with ``--profile``: one extra step under ``torch.profiler``, split into the time of the
+  FLOP-counted kernels (convolutions forward/backward and matmuls) and everything else
+  (normalisation, activations, resampling, concatenation, optimizer); "kernel GFLOP/s" is the
+  FLOPs over the kernels' own time, i.e. the % of the ceiling the step would reach if
+  everything else took no time.
 
 MONAI (benchmark only, not a dependency; ``pip install monai einops``):
 ``DiffusionModelUNet(spatial_dims=3, in_channels=10, out_channels=1, num_res_blocks=1,
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -131,6 +137,21 @@ class MatmulCeiling:
             torch.mm(self.a, self.b)
 
 
+FLOP_OPS = ("conv", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")
+
+
+def kernel_seconds(runner) -> tuple:
+    """(seconds in FLOP-counted kernels, seconds of the whole step) of one profiled step."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        runner.step()
+        total = time.perf_counter() - start
+    kernels = sum(e.self_cpu_time_total for e in prof.key_averages()
+                  if any(key in e.key for key in FLOP_OPS)) / 1e6
+    return kernels, total
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -181,6 +202,11 @@ def bench_configuration(args, device, patch: int, batch: int, precision: str) ->
                      "percent_of_matmul": 100.0 * flops[name] / stats["median_s"] / matmul_flops_per_s})
     for row in rows:
         row["voxels_per_s_vs_monai"] = row["voxels_per_s"] / monai_voxels_per_s if monai_voxels_per_s else None
+        if args.profile and device.type == "cpu":
+            kernels, total = kernel_seconds(runners[row["model"]])
+            row["kernel_share_percent"] = 100.0 * kernels / total
+            row["kernel_gflops"] = flops[row["model"]] / kernels / 1e9
+            row["kernel_percent_of_matmul"] = 100.0 * row["kernel_gflops"] * 1e9 / matmul_flops_per_s
     return rows
 
 
@@ -189,6 +215,9 @@ COLUMNS = [("model", "model", "{}"), ("patch", "patch", "{}"), ("batch", "B", "{
            ("median_s", "step s", "{:.3f}"), ("voxels_per_s", "voxels/s", "{:,.0f}"),
            ("voxels_per_s_vs_monai", "x MONAI", "{:.2f}"), ("achieved_gflops", "GFLOP/s", "{:.1f}"),
            ("matmul_gflops", "matmul GFLOP/s", "{:.1f}"), ("percent_of_matmul", "% matmul", "{:.0f}")]
+PROFILE_COLUMNS = [("kernel_share_percent", "% time in kernels", "{:.0f}"),
+                   ("kernel_gflops", "kernel GFLOP/s", "{:.1f}"),
+                   ("kernel_percent_of_matmul", "kernel % matmul", "{:.0f}")]
 
 
 def parse_args(argv=None):
@@ -212,6 +241,8 @@ def parse_args(argv=None):
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--profile", action="store_true",
+                        help="CPU: also profile one step per model (time in conv/matmul kernels vs the rest)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.monai_channels is None:
@@ -234,15 +265,16 @@ def main(argv=None) -> int:
     info = machine_info(device)
     print(machine_summary(info))
     rows = []
+    columns = COLUMNS + (PROFILE_COLUMNS if args.profile and device.type == "cpu" else [])
     for patch in args.patch:
         for batch in args.batch:
             for precision in args.precision:
                 rows += bench_configuration(args, device, patch, batch, precision)
                 print_table(f"training step, patch {patch}, batch {batch}, {precision}", rows[-len(args.models):],
-                            COLUMNS)
+                            columns)
     info["load_average_1min_end"] = load_average()
     print(f"\nload average at the end: {info['load_average_1min_end']}")
-    print_table("all configurations", rows, COLUMNS)
+    print_table("all configurations", rows, columns)
     write_json(args.json, {"benchmark": "train_step", "machine": info,
                            "settings": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows})
     return 0

@@ -72,3 +72,38 @@ def test_sliding_window_benchmark_grids_and_agreement(tmp_path, capsys):
     assert bench.main(["--worker", "ours", "--shape", "40", "40", "40", "--patch", "16", "--overlap", "4",
                        "--threads", "1"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_rss_growth_bytes"] >= 0
+
+
+def test_patch_io_benchmark_reads_the_same_patches_everywhere(tmp_path):
+    bench = load("bench_patch_io")
+    out = tmp_path / "patch_io.json"
+    assert bench.main(["--shape", "40", "36", "32", "--patch", "16", "--reads", "3", "--npz-repeats", "1",
+                       "--workdir", str(tmp_path), "--json", str(out)]) == 0   # raises if store and npz differ
+    result = json.loads(out.read_text())
+    methods = [row["method"] for row in result["rows"]]
+    assert any("read_threads=2" in m for m in methods) and methods[-1].startswith("npz")
+    assert result["channels"] == 10 and all(row["n"] >= 1 and row["median_ms"] > 0 for row in result["rows"])
+    assert not list(tmp_path.glob("bench_patch_io_*"))   # temporary files removed
+
+
+def test_gamma_benchmark_agrees_with_pymedphys(tmp_path):
+    pytest.importorskip("pymedphys")
+    bench = load("bench_gamma")
+    out = tmp_path / "gamma.json"
+    assert bench.main(["--sizes", "64x64x64", "--no-openkbp", "--repeats", "1", "--threads", "1",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1
+    row = rows[0]
+    assert abs(row["pass_difference_pp"]) < 0.1 and row["same_voxels"] and row["max_abs_gamma_difference"] < 1e-3
+    assert row["ratio"] > 1
+
+
+def test_train_step_profile_splits_kernel_time(tmp_path):
+    bench = load("bench_train_step")
+    out = tmp_path / "train.json"
+    assert bench.main(["--models", "baseline", "--patch", "16", "--base", "8", "--precision", "fp32", "--repeats", "1",
+                       "--warmup", "0", "--matmul-size", "64", "--threads", "1", "--profile", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert 0 < row["kernel_share_percent"] <= 100
+    assert row["kernel_gflops"] >= row["achieved_gflops"] * 0.5   # kernels alone are faster than the whole step

@@ -122,11 +122,13 @@ def test_corner_patch_is_padded():
 
 @pytest.mark.parametrize("center", [(20, 18, 15), (0, 0, 0), (39, 35, 29), (-3, 40, 12), (100, 100, 100), (5, -50, 29)])
 @pytest.mark.parametrize("size", [7, (8, 5, 12)])
-def test_extract_patch_equals_padded_slicing(center, size):
-    array = np.random.default_rng(0).normal(size=(2,) + SHAPE).astype(np.float32)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_extract_patch_equals_padded_slicing(center, size, threads):
+    array = np.random.default_rng(0).normal(size=(5,) + SHAPE).astype(np.float32)
     size3 = (size,) * 3 if isinstance(size, int) else size
-    np.testing.assert_array_equal(extract_patch(array, center, size, 9.0), padded_reference(array, center, size3, 9.0))
-    np.testing.assert_array_equal(extract_patch(array[1], center, size, -1.0),
+    np.testing.assert_array_equal(extract_patch(array, center, size, 9.0, threads=threads),
+                                  padded_reference(array, center, size3, 9.0))
+    np.testing.assert_array_equal(extract_patch(array[1], center, size, -1.0, threads=threads),
                                   padded_reference(array[1], center, size3, -1.0))
 
 
@@ -226,7 +228,7 @@ def test_case_without_dose_is_refused():
 
 @pytest.mark.parametrize("kwargs", [
     {"patch_size": 0}, {"patch_size": (8, 8)}, {"patches_per_volume": 0}, {"dose_biased_fraction": 1.5},
-    {"dose_threshold": -0.1},
+    {"dose_threshold": -0.1}, {"read_threads": 0},
 ])
 def test_bad_sampler_arguments(kwargs):
     with pytest.raises(ValueError):

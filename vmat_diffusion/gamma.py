@@ -503,8 +503,9 @@ class _Active:
     slope: Optional[torch.Tensor] = None
 
     def select(self, keep: torch.Tensor) -> "_Active":
+        """The voxels at positions ``keep`` ((k,) int64 indices)."""
         def pick(value):
-            return value[keep] if torch.is_tensor(value) and value.ndim else value
+            return value.index_select(0, keep) if torch.is_tensor(value) and value.ndim else value
         return _Active(*(pick(getattr(self, name)) for name in self.__dataclass_fields__))
 
 
@@ -568,12 +569,16 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
         return keep
 
     def retire(state, keep):
-        """Store the results of the voxels that leave; return the others."""
-        if bool(keep.all()):
+        """Store the results of the voxels that leave; return the others. Compacting costs a
+        copy of every array, so it waits until a quarter of the voxels can leave: the others
+        would only be carried along (no later shell's bound is below their goal, so they are
+        never searched again; ``_search``'s docstring)."""
+        staying = torch.nonzero(keep).squeeze(1)
+        if staying.numel() > 0.75 * keep.numel():
             return state
-        leaving = ~keep
+        leaving = torch.nonzero(~keep).squeeze(1)
         result[state.ids[leaving]] = state.best[leaving]
-        return state.select(keep)
+        return state.select(staying)
 
     active = retire(active, still_improvable(active, 1))
     for s in range(1, len(kernels)):

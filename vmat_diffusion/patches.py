@@ -8,7 +8,9 @@ array is read, so cases whose arrays are ``np.memmap`` are never loaded whole.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -17,6 +19,17 @@ import torch
 from .conventions import CT_AIR, SDF_ABSENT, SDF_OUTSIDE
 
 DOSE_FILL = 0.0
+READ_THREADS = 2   # PatchSampler default: a memory-mapped 128^3 x 10-channel read took 28 ms on 1 thread, 18 ms on 2
+
+_POOLS: Dict[Tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _copy_pool(threads: int) -> ThreadPoolExecutor:
+    """A thread pool of this process (DataLoader workers get their own after a fork)."""
+    key = (os.getpid(), threads)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vmat-patch-read")
+    return _POOLS[key]
 
 
 def _as_size3(size, name: str = "patch_size") -> Tuple[int, int, int]:
@@ -40,13 +53,15 @@ def _as_rng(rng) -> np.random.Generator:
     raise TypeError(f"rng must be a numpy Generator, an int seed or None, got {type(rng).__name__}")
 
 
-def extract_patch(array: np.ndarray, center: Sequence[int], size, fill) -> np.ndarray:
+def extract_patch(array: np.ndarray, center: Sequence[int], size, fill, threads: int = 1) -> np.ndarray:
     """Patch of ``array`` ((X, Y, Z) or (C, X, Y, Z)) around ``center`` (3 voxel indices).
 
     size: int or 3 ints (p_x, p_y, p_z); the patch covers ``[center - p // 2, center - p // 2 + p)``
     per axis. fill: value of the voxels outside the array (a number, or one number per channel
     for (C, X, Y, Z) arrays). Returns a new array of the source dtype, shape (p_x, p_y, p_z) or
-    (C, p_x, p_y, p_z); only the overlapping slab of ``array`` is read.
+    (C, p_x, p_y, p_z); only the overlapping slab of ``array`` is read. threads > 1 copies
+    slices along the first axis concurrently (numpy releases the GIL while copying): the copy out
+    of a memory map is bound by memory bandwidth, which one core does not saturate.
     """
     size = _as_size3(size, "size")
     if array.ndim not in (3, 4):
@@ -65,16 +80,26 @@ def extract_patch(array: np.ndarray, center: Sequence[int], size, fill) -> np.nd
     elif fill.ndim != 0:
         channels = array.shape[0] if array.ndim == 4 else 1
         raise ValueError(f"fill must be a number or one number per channel ({channels}), got shape {fill.shape}")
-    out[...] = fill
     src, dst = [], []
     for c, p, n in zip(center, size, spatial):
         start = c - p // 2
         lo, hi = max(start, 0), min(start + p, n)
         if hi <= lo:   # no overlap with the volume: all padding
+            out[...] = fill
             return out
         src.append(slice(lo, hi))
         dst.append(slice(lo - start, hi - start))
-    out[(Ellipsis, *dst)] = array[(Ellipsis, *src)]
+    if any(d.stop - d.start < p for d, p in zip(dst, size)):
+        out[...] = fill   # only patches that cross the border need padding (saves a full pass)
+    target, source = out[(Ellipsis, *dst)], array[(Ellipsis, *src)]
+    if threads <= 1 or target.shape[0] < 2:
+        np.copyto(target, source)
+        return out
+    bounds = np.linspace(0, target.shape[0], min(2 * threads, target.shape[0]) + 1).astype(int)
+    jobs = [_copy_pool(threads).submit(np.copyto, target[a:b], source[a:b])
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    for job in jobs:
+        job.result()
     return out
 
 
@@ -116,7 +141,8 @@ class PatchSampler:
     uniformly chosen voxel with dose > ``dose_threshold`` x Rx; the other patches are centred on
     a uniformly chosen voxel of the whole volume. rng: numpy Generator, int seed or None.
     max_cached_cases: the dose-biased centre lists of this many cases are kept (least recently
-    used dropped). A case object with a callable ``precomputed_centers(threshold)`` (the
+    used dropped). read_threads: threads copying each patch out of the case (``extract_patch``).
+    A case object with a callable ``precomputed_centers(threshold)`` (the
     memory-mapped store) supplies its own list and is not cached.
 
     ``sample(case)`` returns a list of dicts: ``ct`` (1, p, p, p), ``masks_sdf`` (S, p, p, p),
@@ -127,7 +153,8 @@ class PatchSampler:
     """
 
     def __init__(self, patch_size=128, patches_per_volume: int = 4, dose_biased_fraction: float = 0.5,
-                 dose_threshold: float = 0.1, rng=None, max_cached_cases: int = 512):
+                 dose_threshold: float = 0.1, rng=None, max_cached_cases: int = 512,
+                 read_threads: int = READ_THREADS):
         self.patch_size = _as_size3(patch_size)
         if not isinstance(patches_per_volume, (int, np.integer)) or isinstance(patches_per_volume, bool) \
                 or patches_per_volume < 1:
@@ -138,6 +165,9 @@ class PatchSampler:
             raise ValueError(f"dose_threshold must be a non-negative fraction of Rx, got {dose_threshold!r}")
         if not isinstance(max_cached_cases, (int, np.integer)) or max_cached_cases < 0:
             raise ValueError(f"max_cached_cases must be a non-negative integer, got {max_cached_cases!r}")
+        if not isinstance(read_threads, (int, np.integer)) or isinstance(read_threads, bool) or read_threads < 1:
+            raise ValueError(f"read_threads must be a positive integer, got {read_threads!r}")
+        self.read_threads = int(read_threads)
         self.patches_per_volume = int(patches_per_volume)
         self.dose_biased_fraction = float(dose_biased_fraction)
         self.dose_threshold = float(dose_threshold)
@@ -184,7 +214,8 @@ class PatchSampler:
 
     def _extract(self, case, center, biased: bool) -> dict:
         def tensor(array, fill):
-            patch = extract_patch(array, center, self.patch_size, fill).astype(np.float32, copy=False)
+            patch = extract_patch(array, center, self.patch_size, fill, self.read_threads)
+            patch = patch.astype(np.float32, copy=False)
             return torch.from_numpy(patch[None] if patch.ndim == 3 else patch)
         return {
             "ct": tensor(case.ct, CT_AIR),
