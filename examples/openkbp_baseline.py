@@ -43,8 +43,6 @@ from vmat_diffusion.fileio import atomic_write_json
 from vmat_diffusion.inference import case_metrics, predict_case
 from vmat_diffusion.openkbp import import_openkbp
 from vmat_diffusion.training import TrainConfig, Trainer, load_checkpoint, load_model_from_checkpoint
-from vmat_diffusion.training import loop as training_loop
-from vmat_diffusion.training.data import CaseSplit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SPLIT, VAL_SPLIT = "train-pats", "validation-pats"
@@ -120,47 +118,26 @@ def training_folder(work_dir: Path, full_paths: dict, resolution: str) -> Path:
     return folder
 
 
-def fixed_split(train_ids, val_ids):
-    """A ``split_cases`` replacement that returns the OpenKBP folders' split.
-
-    ``TrainConfig`` only knows a random split by fraction (``val_split``); the Trainer looks up
-    ``split_cases`` in ``training.loop`` at setup, so it is swapped there for this run.
-    """
-    def split_cases(cases, val_split=0.1, test_split=0.1, seed=42):
-        by_id = {c.case_id: c for c in cases}
-        missing = sorted((set(train_ids) | set(val_ids)) - set(by_id))
-        if missing:
-            raise ValueError(f"data_dir: cases {missing} are missing")
-        return CaseSplit(train=[by_id[i] for i in sorted(train_ids)], val=[by_id[i] for i in sorted(val_ids)])
-    return split_cases
-
-
-# ----------------------------------------------------------------------------- training
-
-def train_config(args, data_dir: Path) -> TrainConfig:
-    """The run's TrainConfig (validation split fraction is unused: the split is fixed)."""
+def train_config(args, data_dir: Path, val_ids) -> TrainConfig:
+    """The run's TrainConfig: the OpenKBP validation patients validate (``val_ids``), every other
+    case in ``data_dir`` trains (``test_split=0``)."""
     is_ddpm = args.model == "ddpm"
     return TrainConfig(
-        data_dir=str(data_dir), val_split=0.1, test_split=0.0, patch_size=args.patch_size,
+        data_dir=str(data_dir), val_ids=list(val_ids), test_split=0.0, patch_size=args.patch_size,
         patches_per_volume=args.patches_per_volume, num_workers=0, cache_cases=True, model=args.model,
         base_channels=args.base_channels, levels=args.levels, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, min_lr=args.lr / 100, warmup_epochs=1.0, precision=args.precision,
+        lr=args.lr, min_lr=args.lr / 100, warmup_epochs=1.0, precision=args.precision, loss=args.loss,
         ema=True, ema_decay=args.ema_decay, patience=0, ddim_steps=args.val_ddim_steps,
         gamma_subsample=2 if args.resolution == "half" else 4,
         max_val_cases=args.max_val_cases if args.max_val_cases else (1 if is_ddpm else None),
+        val_every=args.val_every, max_minutes=args.max_minutes,
         log_dir=str(args.work_dir / "runs"), exp_name=args.exp_name, seed=args.seed, device="cpu",
         resume=str(args.resume) if args.resume else None,
         progress=False)
 
 
-def train(args, data_dir: Path, train_ids, val_ids) -> dict:
-    original = training_loop.split_cases
-    training_loop.split_cases = fixed_split(train_ids, val_ids)
-    try:
-        trainer = Trainer(train_config(args, data_dir))
-        return trainer.fit()
-    finally:
-        training_loop.split_cases = original
+def train(args, data_dir: Path, val_ids) -> dict:
+    return Trainer(train_config(args, data_dir, val_ids)).fit()
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -223,6 +200,10 @@ def print_table(results: dict) -> None:
     for name, s in results["summary"].items():
         lines.append(f"{name:44s} {s['dose_score_gy']:10.2f} {s['dvh_score_gy_pooled']:10.2f} "
                      f"{s['mae_gy']:7.2f} {s['gamma_pass_rate_3mm3pct']:6.1f}%")
+    fit = results.get("on_training_patients")
+    if fit:
+        lines.append(f"{'same model on training patients':44s} {fit['dose_score_gy']:10.2f} "
+                     f"{fit['dvh_score_gy_pooled']:10.2f} {fit['mae_gy']:7.2f} {fit['gamma_pass_rate_3mm3pct']:6.1f}%")
     floor = results.get("reference_dose_half_res_roundtrip")
     if floor:
         lines.append(f"{'reference dose via 64^3 (resolution floor)':44s} {floor['dose_score_gy']:10.2f} "
@@ -249,8 +230,13 @@ def parse_args(argv=None):
     p.add_argument("--base_channels", type=int, default=16)
     p.add_argument("--levels", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3, help="peak LR (cosine to lr/100, 1 warmup epoch)")
+    p.add_argument("--loss", choices=("mse", "l1"), default="l1",
+                   help="data term (l1: the baseline trains on the quantity the dose score measures)")
+    p.add_argument("--val_every", type=int, default=5, help="validate every N epochs (and after the last)")
+    p.add_argument("--max_minutes", type=float, default=None,
+                   help="training time budget (stops before an epoch that would end past it)")
     p.add_argument("--ema_decay", type=float, default=0.995)
-    p.add_argument("--precision", default="auto", help="training precision (auto: bf16 on CPUs with bf16)")
+    p.add_argument("--precision", default="auto", help="training precision (auto: fp32 on CPUs without AMX)")
     p.add_argument("--ddim_steps", type=int, default=25, help="DDIM steps of the scored prediction (ddpm)")
     p.add_argument("--val_ddim_steps", type=int, default=10, help="DDIM steps of the per-epoch validation (ddpm)")
     p.add_argument("--predict_precision", choices=("fp32", "bf16"), default="fp32",
@@ -259,7 +245,9 @@ def parse_args(argv=None):
     p.add_argument("--max_val_cases", type=int, default=0,
                    help="validation patients used per epoch (0: all for baseline, 1 for ddpm)")
     p.add_argument("--gamma_subsample", type=int, default=2, help="gamma on every n-th voxel of the 128^3 grid")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--score_train", type=int, default=0,
+                   help="also score the first N training patients (shows the gap between fit and validation)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all cores)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--exp_name", default=None, help="run folder name (default: openkbp_<model>_<resolution>)")
     p.add_argument("--resume", type=Path, default=None,
@@ -278,7 +266,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -292,7 +281,7 @@ def main(argv=None) -> dict:
     summary, train_seconds = None, None
     if not args.score_only:
         start = time.time()
-        summary = train(args, data_dir, train_ids, val_ids)
+        summary = train(args, data_dir, val_ids)
         train_seconds = time.time() - start
     checkpoint = args.checkpoint or run_dir / "checkpoints" / "last.ckpt"
     model, info = load_model_from_checkpoint(checkpoint)
@@ -307,6 +296,13 @@ def main(argv=None) -> dict:
         print(f"  {full_case.case_id}: dose score {model_rows[-1]['dose_score']:.2f} Gy, "
               f"DVH score {model_rows[-1]['dvh_score']:.2f} Gy", flush=True)
     predict_seconds = time.time() - start
+
+    # The same predictions on some training patients: how far the validation scores are from fitting.
+    train_rows = []
+    for path in full_paths[TRAIN_SPLIT][:args.score_train]:
+        full_case = load_case(path)
+        train_rows.append(score(predict_full_resolution(model, info, data_dir / path.name, args, full_case),
+                                full_case, args.gamma_subsample))
 
     mean_dose = mean_training_dose(full_paths[TRAIN_SPLIT])
     trivial_rows = []
@@ -338,7 +334,8 @@ def main(argv=None) -> dict:
         "prediction_seconds": predict_seconds, "machine": machine_info(),
         "train_ids": train_ids, "val_ids": val_ids,
         "summary": {label: summarise(model_rows), "mean training dose (trivial)": summarise(trivial_rows)},
-        "per_patient": {"model": model_rows, "mean_training_dose": trivial_rows},
+        "per_patient": {"model": model_rows, "mean_training_dose": trivial_rows, "model_on_training_patients": train_rows},
+        "on_training_patients": summarise(train_rows) if train_rows else None,
         "reference_dose_half_res_roundtrip": summarise(roundtrip_rows) if roundtrip_rows else None,
         "published_reference": {"OpenKBP winner (200 train pts, GPU)": PUBLISHED_BEST},
     }

@@ -1,0 +1,48 @@
+"""examples/openkbp_baseline.py end to end on synthetic OpenKBP patients (no real data needed)."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from test_openkbp import write_fake_patient
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "openkbp_baseline.py"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("openkbp_baseline_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def fake_openkbp(tmp_path_factory):
+    src = tmp_path_factory.mktemp("fake_openkbp_example")
+    for split, name, seed in (("train-pats", "pt_1", 1), ("train-pats", "pt_7", 7), ("validation-pats", "pt_9", 9)):
+        write_fake_patient(src / split / name, seed=seed)
+    return src
+
+
+@pytest.mark.parametrize("model", ["baseline", "ddpm"])
+def test_example_trains_on_the_openkbp_split_and_scores(fake_openkbp, tmp_path, monkeypatch, model):
+    monkeypatch.setenv("VMAT_OPENKBP_DIR", str(fake_openkbp))
+    example = load_example()
+    work = tmp_path / "work"
+    results = example.main(["--model", model, "--work_dir", str(work), "--epochs", "1", "--patch_size", "16",
+                            "--patches_per_volume", "1", "--batch_size", "1", "--base_channels", "4",
+                            "--levels", "2", "--gamma_subsample", "4", "--threads", "1", "--ddim_steps", "2",
+                            "--val_ddim_steps", "2", "--score_train", "1"])
+    assert results["train_ids"] == ["pt_1", "pt_7"] and results["val_ids"] == ["pt_9"]
+    record = json.loads((work / "runs" / f"openkbp_{model}_half" / "training_config.json").read_text())
+    assert record["data"]["val_case_ids"] == ["pt_9"] and record["data"]["train_case_ids"] == ["pt_1", "pt_7"]
+    assert record["hyperparameters"]["loss"] == "l1"
+    saved = json.loads((work / f"results_{model}.json").read_text())
+    assert saved["summary"] == results["summary"]
+    for scores in results["summary"].values():
+        assert math.isfinite(scores["dose_score_gy"]) and math.isfinite(scores["dvh_score_gy_pooled"])
+    assert len(results["per_patient"]["model"]) == 1
+    assert results["per_patient"]["model_on_training_patients"][0]["case_id"] == "pt_1"
+    assert math.isfinite(results["on_training_patients"]["dose_score_gy"])
