@@ -1,7 +1,7 @@
 """Train and score a dose model on the real OpenKBP patients (CPU-sized run).
 
-    python examples/openkbp_baseline.py                          # baseline U-Net, half resolution
-    python examples/openkbp_baseline.py --model ddpm --ddim_steps 25
+    python examples/openkbp_baseline.py --threads 2              # baseline U-Net, half resolution (~50 min)
+    python examples/openkbp_baseline.py --model ddpm --epochs 55 --val_every 10 --samples 2
     python examples/openkbp_baseline.py --score_only             # re-score the last checkpoint
 
 Steps:
@@ -223,15 +223,17 @@ def parse_args(argv=None):
     p.add_argument("--work_dir", type=Path, default=Path("openkbp_work"))
     p.add_argument("--resolution", choices=("full", "half"), default="half",
                    help="half: train and predict at 64^3 (2x spacing), upsample to 128^3 for scoring")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--patch_size", type=int, default=48)
-    p.add_argument("--patches_per_volume", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=75)
+    p.add_argument("--patch_size", type=int, default=64,
+                   help="training patch (64 = the whole half-resolution volume)")
+    p.add_argument("--patches_per_volume", type=int, default=2)
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--base_channels", type=int, default=16)
     p.add_argument("--levels", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3, help="peak LR (cosine to lr/100, 1 warmup epoch)")
-    p.add_argument("--loss", choices=("mse", "l1"), default="l1",
-                   help="data term (l1: the baseline trains on the quantity the dose score measures)")
+    p.add_argument("--loss", choices=("mse", "l1"), default=None,
+                   help="data term (default: l1 for baseline, the quantity the dose score measures; "
+                        "mse on the noise for ddpm)")
     p.add_argument("--val_every", type=int, default=5, help="validate every N epochs (and after the last)")
     p.add_argument("--max_minutes", type=float, default=None,
                    help="training time budget (stops before an epoch that would end past it)")
@@ -257,6 +259,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", type=Path, default=None, help="score this checkpoint instead of last.ckpt")
     args = p.parse_args(argv)
     args.exp_name = args.exp_name or f"openkbp_{args.model}_{args.resolution}"
+    args.loss = args.loss or ("l1" if args.model == "baseline" else "mse")
     work = args.work_dir.resolve()
     for forbidden in ("vmat_diffusion", "tests"):
         if (REPO_ROOT / forbidden) in (work, *work.parents):

@@ -106,12 +106,6 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
-def cpu_supports_bf16() -> bool:
-    """True on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX)."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(check()) for check in checks if callable(check))
-
-
 def cpu_has_amx() -> bool:
     """True on CPUs with AMX tiles (where bf16 convolutions are much faster than fp32)."""
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)
