@@ -44,7 +44,7 @@ def test_trailing_timesteps_default(schedule):
 
 
 @pytest.mark.parametrize(
-    "T,steps,spacing", itertools.product([1000, 37, 10], [1, 3, 7, 10], ["trailing", "leading", "linspace"])
+    "T,steps,spacing", list(itertools.product([1000, 37, 10], [1, 3, 7, 10], ["trailing", "leading", "linspace"]))
 )
 def test_timesteps_descending_unique_in_range(T, steps, spacing):
     ts = ddim_timesteps(T, steps, spacing)
