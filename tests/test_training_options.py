@@ -190,3 +190,12 @@ def test_denormals_are_flushed_during_cpu_training_only(phantom_dir, tmp_path, m
     loop.Trainer(tiny_config(phantom_dir, tmp_path, epochs=1)).fit()
     assert seen and all(seen)
     assert not loop.denormals_flushed()  # the process's setting is restored
+
+
+def test_cli_names_a_bad_validation_setting(phantom_dir, tmp_path, capsys):
+    assert train_cli.main(["--data_dir", str(phantom_dir), "--val_ids", "nobody", "--log_dir", str(tmp_path)]) == 2
+    assert "val_ids: case id(s) ['nobody'] not found in data_dir" in capsys.readouterr().err
+    assert train_cli.main(["--data_dir", str(phantom_dir), "--val_dir", str(tmp_path / "nowhere"),
+                           "--log_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "val_dir:" in err and "nowhere is not a folder" in err
