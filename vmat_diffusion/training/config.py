@@ -173,13 +173,12 @@ class TrainConfig:
                 raise ValueError(f"val_ids: expected a list of case ids, got {self.val_ids!r}")
             if not self.val_ids:
                 raise ValueError("val_ids: expected at least one case id, got an empty list")
-        if self.explicit_validation:
-            pass  # val_split is unused
-        elif self.val_split <= 0.0:
-            raise ValueError(f"val_split: validation needs at least one case, got {self.val_split}")
-        elif self.val_split + self.test_split >= 1.0:
-            raise ValueError(f"val_split + test_split must leave cases for training, "
-                             f"got {self.val_split} + {self.test_split}")
+        if not self.explicit_validation:  # val_split matters only for the drawn split
+            if self.val_split <= 0.0:
+                raise ValueError(f"val_split: validation needs at least one case, got {self.val_split}")
+            if self.val_split + self.test_split >= 1.0:
+                raise ValueError(f"val_split + test_split must leave cases for training, "
+                                 f"got {self.val_split} + {self.test_split}")
         multiple = 2 ** (self.levels - 1)
         if self.patch_size % multiple:
             raise ValueError(f"patch_size: must be divisible by 2**(levels-1) = {multiple} "

@@ -136,30 +136,32 @@ def split_cases(cases: Sequence[CaseInfo], val_split: float = 0.1, test_split: f
                 seed: int = 42) -> CaseSplit:
     """Deterministic split: cases sorted by case_id, shuffled with ``seed``, cut into
     test, validation and training parts (in that order); each part sorted by case_id."""
-    ordered = sorted(cases, key=lambda c: c.case_id)
-    order = np.random.default_rng(seed).permutation(len(ordered))
-    shuffled = [ordered[i] for i in order]
+    shuffled = _seeded_order(cases, seed)
     n_train, n_val, n_test = split_counts(len(shuffled), val_split, test_split)
-    test = shuffled[:n_test]
-    val = shuffled[n_test:n_test + n_val]
-    train = shuffled[n_test + n_val:]
-    by_id = lambda part: sorted(part, key=lambda c: c.case_id)  # noqa: E731
-    return CaseSplit(train=by_id(train), val=by_id(val), test=by_id(test))
+    return CaseSplit(train=_by_id(shuffled[n_test + n_val:]), val=_by_id(shuffled[n_test:n_test + n_val]),
+                     test=_by_id(shuffled[:n_test]))
+
+
+def _seeded_order(cases: Sequence[CaseInfo], seed: int) -> List[CaseInfo]:
+    """The cases sorted by case_id, then shuffled with ``seed`` (independent of the input order)."""
+    ordered = sorted(cases, key=lambda c: c.case_id)
+    return [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
+
+
+def _by_id(part: Sequence[CaseInfo]) -> List[CaseInfo]:
+    return sorted(part, key=lambda c: c.case_id)
 
 
 def split_with_validation(cases: Sequence[CaseInfo], val_cases: Sequence[CaseInfo], test_split: float = 0.0,
                           seed: int = 42) -> CaseSplit:
     """Split with a fixed validation set: ``val_cases`` validate; ``test_split`` of ``cases``
     (drawn with ``seed`` as in ``split_cases``) is held out; the rest trains. Parts sorted by case_id."""
-    ordered = sorted(cases, key=lambda c: c.case_id)
-    order = np.random.default_rng(seed).permutation(len(ordered))
-    shuffled = [ordered[i] for i in order]
+    shuffled = _seeded_order(cases, seed)
     n_test = max(1, round(len(shuffled) * test_split)) if test_split > 0 else 0
     if len(shuffled) - n_test < 1:
         raise ValueError(f"data_dir: {len(shuffled)} training case(s) are too few for test_split={test_split} "
                          f"(needs {n_test} test + 1 training case)")
-    by_id = lambda part: sorted(part, key=lambda c: c.case_id)  # noqa: E731
-    return CaseSplit(train=by_id(shuffled[n_test:]), val=by_id(val_cases), test=by_id(shuffled[:n_test]))
+    return CaseSplit(train=_by_id(shuffled[n_test:]), val=_by_id(val_cases), test=_by_id(shuffled[:n_test]))
 
 
 def select_cases(cases: Sequence[CaseInfo], ids: Sequence[str], data_dir) -> Tuple[List[CaseInfo], List[CaseInfo]]:

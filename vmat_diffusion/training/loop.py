@@ -116,7 +116,8 @@ def resolve_precision(precision: str, device: torch.device) -> Tuple[Optional[to
     """(autocast dtype or None for fp32, whether to use a GradScaler) for ``precision``.
 
     "auto": bf16 on CUDA GPUs with bf16 and on CPUs with AMX, fp16 + GradScaler on GPUs without
-    bf16, fp32 otherwise (CPUs with AVX512-BF16 only measured no faster in bf16: ``TrainConfig``). "bf16", "16" (CUDA only, with GradScaler), "32".
+    bf16, fp32 otherwise (CPUs with AVX512-BF16 only measured no faster in bf16: ``TrainConfig``).
+    "bf16", "16" (CUDA only, with GradScaler), "32".
     """
     if precision == "32":
         return None, False
@@ -442,8 +443,7 @@ class Trainer:
         self.progress = self.progress and self.dist.is_main
 
         # Cases: validate every file, split, and (when resuming) read the checkpoint.
-        self.catalog = scan_cases(cfg.data_dir, progress=self.progress)
-        self.split = self._split_cases()
+        self.catalog, self.split = self._cases_and_split(scan_cases(cfg.data_dir, progress=self.progress))
         checkpoint = load_checkpoint(cfg.resume, map_location="cpu") if cfg.resume else None
         if checkpoint is not None:
             self._adopt_checkpoint_settings(checkpoint)
@@ -507,21 +507,20 @@ class Trainer:
         self.log.write_config(self._config_record())
         self.log.log_hparams(self._hparams())
 
-    def _split_cases(self) -> CaseSplit:
-        """Train/val/test cases: a seeded draw by fraction, or the explicit ``val_dir`` / ``val_ids``."""
+    def _cases_and_split(self, catalog: CaseCatalog) -> Tuple[CaseCatalog, CaseSplit]:
+        """(every case of the run, its train/val/test split): a seeded draw by fraction from
+        ``data_dir``, or the explicit ``val_ids`` (in data_dir) / ``val_dir`` (its cases join the catalog)."""
         cfg = self.config
         if cfg.val_dir:
             val_catalog = scan_cases(cfg.val_dir, progress=self.progress, name="val_dir")
-            check_same_channels(self.catalog, val_catalog, "val_dir")
-            all_cases = self.catalog.cases + val_catalog.cases
-            split = split_with_validation(self.catalog.cases, val_catalog.cases, cfg.test_split, cfg.seed)
-            self.catalog = CaseCatalog(cases=all_cases, structures=self.catalog.structures,
-                                       constraint_dim=self.catalog.constraint_dim)
-            return split
+            check_same_channels(catalog, val_catalog, "val_dir")
+            split = split_with_validation(catalog.cases, val_catalog.cases, cfg.test_split, cfg.seed)
+            return CaseCatalog(cases=catalog.cases + val_catalog.cases, structures=catalog.structures,
+                               constraint_dim=catalog.constraint_dim), split
         if cfg.val_ids:
-            val_cases, rest = select_cases(self.catalog.cases, cfg.val_ids, cfg.data_dir)
-            return split_with_validation(rest, val_cases, cfg.test_split, cfg.seed)
-        return split_cases(self.catalog.cases, cfg.val_split, cfg.test_split, cfg.seed)
+            val_cases, rest = select_cases(catalog.cases, cfg.val_ids, cfg.data_dir)
+            return catalog, split_with_validation(rest, val_cases, cfg.test_split, cfg.seed)
+        return catalog, split_cases(catalog.cases, cfg.val_split, cfg.test_split, cfg.seed)
 
     def _adopt_checkpoint_settings(self, checkpoint: dict) -> None:
         """A resumed run keeps the checkpoint's model and data settings; it must see the same split."""
