@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (configure_threads, load_average, machine_info, machine_summary, parse_device,  # noqa: E402  (before torch)
-                    print_table, summarize_times, time_interleaved, write_json)
+from common import (load_average, print_table, start_benchmark,  # noqa: E402  (before torch)
+                    summarize_times, time_interleaved, write_json)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -95,10 +95,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = parse_device(args.device)
-    configure_threads(args.threads or None)
-    info = machine_info(device)
-    print(machine_summary(info))
+    device, info = start_benchmark(args.device, args.threads)
     model = make_model(args, device)
     condition, constraints = make_inputs(args, device)
     schedule = NoiseSchedule().to(device)

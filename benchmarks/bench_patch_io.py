@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info  # noqa: E402
+from common import machine_info, proc_kb_field_bytes  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -93,13 +93,8 @@ def write_npz_from_store(folder: Path, npz_path: Path) -> None:
 
 def page_cache_bytes() -> int:
     """The OS page cache size ("Cached" of /proc/meminfo) in bytes; -1 where unavailable."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("Cached:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return -1
+    cached = proc_kb_field_bytes("/proc/meminfo", "Cached")
+    return -1 if cached is None else cached
 
 
 def drop_from_page_cache(folder: Path) -> bool:

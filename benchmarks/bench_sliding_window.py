@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (configure_threads, load_average, machine_info, machine_summary, parse_device,  # noqa: E402  (before torch)
+from common import (configure_threads, load_average, parse_device, start_benchmark,  # noqa: E402  (before torch)
                     peak_rss_bytes, print_table, run_json_subprocess, summarize_times, synchronize,
                     time_interleaved, write_json)
 
@@ -186,10 +186,7 @@ def main(argv=None) -> int:
         import monai  # noqa: F401
     except ImportError:
         raise SystemExit("MONAI is not installed (benchmark only): pip install monai")
-    device = parse_device(args.device)
-    configure_threads(args.threads or None)
-    info = machine_info(device)
-    print(machine_summary(info))
+    device, info = start_benchmark(args.device, args.threads)
     predictor = make_predictor(args.model, args.channels, device)
     volume = make_volume(args, device)
 

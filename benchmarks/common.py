@@ -52,6 +52,16 @@ def configure_threads(threads: Optional[int]) -> int:
     return torch.get_num_threads()
 
 
+def start_benchmark(device_name: str, threads: int) -> tuple:
+    """(device, machine info) after setting the torch threads (0: torch's default); prints the
+    machine summary line every benchmark starts with."""
+    device = parse_device(device_name)
+    configure_threads(threads or None)
+    info = machine_info(device)
+    print(machine_summary(info))
+    return device, info
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so a wall-clock time covers it (no-op on CPU)."""
     if device.type == "cuda":
@@ -175,6 +185,18 @@ def write_json(path: Optional[str], payload: dict) -> None:
         print(f"wrote {path}")
 
 
+def proc_kb_field_bytes(path: str, field: str) -> Optional[int]:
+    """A "Field:  N kB" line of a Linux /proc file (e.g. /proc/meminfo "Cached") in bytes; None
+    where the file or field is missing."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far, in bytes.
 
@@ -182,12 +204,9 @@ def peak_rss_bytes() -> int:
     not: it is inherited from the parent across fork + exec, so a child of a big benchmark
     process would report the parent's peak). Elsewhere: ru_maxrss.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    high_water = proc_kb_field_bytes("/proc/self/status", "VmHWM")
+    if high_water is not None:
+        return high_water
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
