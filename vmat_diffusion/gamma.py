@@ -40,9 +40,15 @@ is below its current best (capped at ``max_gamma``). Bounds come from the evalua
 box around the voxel that holds the shell: the gap between the reference dose and the box's dose
 range, and a gradient bound ``|D(p) - D(voxel)| <= slope * |p|``. Most voxels are done after
 the first shells. The doses at one shell's points are trilinear weights times gathered corner
-doses: a batched matmul. Work runs on the device of the reference tensor (CUDA tensors on the
-GPU, numpy arrays on the CPU) in chunks of at most ``chunk_size`` voxel-point pairs. On a CPU
-that other processes keep busy, ``torch.set_num_threads(1)`` can be much faster than more threads.
+doses: a (batched) matmul. While the shells lie within the 27 voxels around each voxel (those of
+radius up to the voxel size: at 3 %/3 mm all but the outermost with 3 mm voxels), those 27 dose
+differences are gathered once per voxel and reused by every such shell. When most of the voxels still searched
+are hopeful on a shell, all of them are searched (a shell that cannot improve a voxel does not
+change its minimum) rather than selected. Work runs on the device of the reference tensor (CUDA
+tensors on the GPU, numpy arrays on the CPU, where numpy does the gathers, comparisons and
+index arithmetic that it does faster than torch) in chunks of at most ``chunk_size``
+voxel-point pairs. On a CPU that other processes keep busy, ``torch.set_num_threads(1)`` can be
+much faster than more threads.
 """
 from __future__ import annotations
 
@@ -68,6 +74,9 @@ BOUND_SAFETY = 1e-5
 MAX_SLOPE = 1e15  # gamma units per mm; caps slopes next to OUTSIDE_GRID_DOSE (keeps them finite)
 # The 8 corners of a voxel cell, as 0/1 offsets along axes 0, 1, 2.
 CELL_CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.int64)
+# The box of half-width 1 voxel: the 27 voxels around a voxel, as offsets in C order.
+UNIT_CUBE = (1, 1, 1)
+UNIT_CUBE_CORNERS = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)])
 
 
 # --------------------------------------------------------------------------- search geometry
@@ -186,7 +195,10 @@ def _dose_tensor(name: str, value, device=None) -> Tuple[torch.Tensor, float]:
     if not (tensor.is_floating_point() or tensor.dtype in (torch.int16, torch.int32, torch.int64, torch.uint8)):
         raise TypeError(f"{name} must hold real numbers (dose in Gy), got dtype {tensor.dtype}")
     tensor = tensor.to(torch.float32)
-    low, high = (float(v) for v in torch.aminmax(tensor))  # NaN propagates into both
+    if tensor.device.type == "cpu":  # numpy's min and max are faster there; NaN propagates into both
+        low, high = float(tensor.numpy().min()), float(tensor.numpy().max())
+    else:
+        low, high = (float(v) for v in torch.aminmax(tensor))
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"{name} contains NaN or infinite doses")
     return tensor, high
@@ -228,12 +240,15 @@ def _flat_nonzero(selected: torch.Tensor) -> torch.Tensor:
 def _voxels_to_evaluate(reference: torch.Tensor, settings: _Criteria, normalisation: float,
                         mask: Optional[torch.Tensor], random_subset: Optional[int], seed: int) -> torch.Tensor:
     """(N,) sorted flat indices: reference >= cutoff (of the normalisation), in mask, optional random subset."""
-    selected = reference >= settings.cutoff_percent / 100.0 * normalisation
+    cutoff = settings.cutoff_percent / 100.0 * normalisation
+    # numpy's comparison is ~10x faster than torch's on the CPU; both compare in float32
+    values = reference.numpy() if reference.device.type == "cpu" else reference
+    selected = values >= (np.float32(cutoff) if reference.device.type == "cpu" else cutoff)
     if settings.local:
-        selected &= reference > 0  # local gamma is undefined at zero reference dose (pymedphys: NaN)
+        selected &= values > 0  # local gamma is undefined at zero reference dose (pymedphys: NaN)
     if mask is not None:
-        selected &= mask
-    voxels = _flat_nonzero(selected)
+        selected &= mask.numpy() if reference.device.type == "cpu" else mask
+    voxels = _flat_nonzero(torch.as_tensor(selected))
     if random_subset is not None and random_subset < voxels.numel():
         generator = torch.Generator().manual_seed(int(seed))
         keep = torch.randperm(voxels.numel(), generator=generator)[:random_subset]
@@ -260,15 +275,28 @@ def _prepare_grid(evaluated: torch.Tensor, voxels: torch.Tensor, margin: np.ndar
     """Crop the evaluated dose to the evaluated voxels' bounding box plus ``margin`` (voxels per
     axis, enough for every search-point corner) and pad it by ``margin`` with OUTSIDE_GRID_DOSE."""
     shape = np.array(evaluated.shape)
-    coords = torch.stack([voxels // (shape[1] * shape[2]), (voxels // shape[2]) % shape[1], voxels % shape[2]], 1)
-    low = np.maximum(coords.min(0).values.cpu().numpy() - margin, 0)
-    high = np.minimum(coords.max(0).values.cpu().numpy() + 1 + margin, shape)
-    crop = evaluated[low[0]:high[0], low[1]:high[1], low[2]:high[2]]
+    on_cpu = voxels.device.type == "cpu"  # there numpy's (un)ravel beats torch's integer arithmetic
+    if on_cpu:
+        coords = np.unravel_index(voxels.numpy(), evaluated.shape)
+        low = np.array([c.min() for c in coords])
+        high = np.array([c.max() for c in coords])
+    else:
+        coords = (voxels // (shape[1] * shape[2]), (voxels // shape[2]) % shape[1], voxels % shape[2])
+        low, high = (np.array([int(f(c)) for c in coords], dtype=np.int64) for f in (torch.min, torch.max))
+    low = np.maximum(low - margin, 0)
+    high = np.minimum(high + 1 + margin, shape)
+    padded = torch.full(tuple(high - low + 2 * margin), OUTSIDE_GRID_DOSE, dtype=evaluated.dtype,
+                        device=evaluated.device)
     m0, m1, m2 = (int(m) for m in margin)
-    padded = torch.nn.functional.pad(crop[None, None], (m2, m2, m1, m1, m0, m0), value=OUTSIDE_GRID_DOSE)[0, 0]
+    padded[m0:padded.shape[0] - m0, m1:padded.shape[1] - m1, m2:padded.shape[2] - m2] = \
+        evaluated[low[0]:high[0], low[1]:high[1], low[2]:high[2]]
     strides = np.array([padded.shape[1] * padded.shape[2], padded.shape[2], 1], dtype=np.int64)
-    in_padded = coords - torch.as_tensor(low - margin, device=coords.device)
-    voxel_index = (in_padded * torch.as_tensor(strides, device=coords.device)).sum(1)
+    origin = low - margin
+    if on_cpu:
+        voxel_index = torch.from_numpy(np.ravel_multi_index(
+            tuple(c - o for c, o in zip(coords, origin)), padded.shape))
+    else:
+        voxel_index = sum((c - int(o)) * int(st) for c, o, st in zip(coords, origin, strides))
     return _Grid(padded.reshape(-1), strides, voxel_index)
 
 
@@ -288,9 +316,28 @@ class _Bounds:
 
 def _cube_offsets(box: Tuple[int, int, int], strides: np.ndarray, device) -> torch.Tensor:
     """(K,) flat offsets of the voxels within +-box of a voxel, in C order of the (2b+1)^3 cube."""
+    return torch.as_tensor(_cube_offsets_array(tuple(box), tuple(int(v) for v in strides)), device=device)
+
+
+@lru_cache(maxsize=64)
+def _cube_offsets_array(box: Tuple[int, int, int], strides: Tuple[int, int, int]) -> np.ndarray:
     axes = [np.arange(-b, b + 1) for b in box]
     cube = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-    return torch.as_tensor(cube @ strides, dtype=torch.int64, device=device)
+    return cube @ np.array(strides, dtype=np.int64)
+
+
+def _take(flat: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
+          out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``flat[first[:, None] + second[None, :]]``: (a,) and (b,) int64 -> (a, b) values
+    (into ``out``, contiguous, if given). On the CPU numpy's take is about twice as fast as
+    torch's, index building included."""
+    if flat.device.type == "cpu":
+        index = np.add.outer(first.numpy(), second.numpy())
+        if out is None:
+            return torch.from_numpy(np.take(flat.numpy(), index))
+        np.take(flat.numpy(), index, out=out.numpy())
+        return out
+    return torch.take(flat, first[:, None] + second[None, :], out=out)
 
 
 def _cube_gradient_bound(cube: torch.Tensor, spacing_mm: Sequence[float]) -> torch.Tensor:
@@ -305,28 +352,36 @@ def _cube_gradient_bound(cube: torch.Tensor, spacing_mm: Sequence[float]) -> tor
     return squared.sqrt_()
 
 
+def _cube_bounds(cube: torch.Tensor, tolerance, spacing_mm: Sequence[float]) -> _Bounds:
+    """Bounds from (A, B, C, n) cubes of D_eval - D_ref around n voxels (tolerance: theirs)."""
+    flat = cube.flatten(0, 2)
+    low, high = flat.amin(dim=0), flat.amax(dim=0)
+    gap = torch.clamp(torch.maximum(low, high.neg_()), min=0.0).div_(tolerance)
+    slope = _cube_gradient_bound(cube, spacing_mm).div_(tolerance)
+    # loosen a little so float32 rounding can never make a bound exceed a real gamma
+    return _Bounds(gap.square_().mul_(1.0 - BOUND_SAFETY), slope.mul_(1.0 + BOUND_SAFETY).clamp_(max=MAX_SLOPE))
+
+
+def _cube_differences(grid: _Grid, voxel_index: torch.Tensor, reference: torch.Tensor,
+                      box: Tuple[int, int, int]) -> torch.Tensor:
+    """(2b+1, ..., n) D_eval - D_ref at the voxels within +-box of n evaluated voxels (float32)."""
+    cube = _take(grid.flat, _cube_offsets(box, grid.strides, reference.device), voxel_index)
+    return cube.sub_(reference[None, :]).view(*(2 * b + 1 for b in box), -1)
+
+
 def _box_bounds(grid: _Grid, voxel_index: torch.Tensor, reference: torch.Tensor, tolerance,
                 box: Tuple[int, int, int], spacing_mm: Sequence[float], chunk_size: int) -> _Bounds:
     """Bounds over the box +-box voxels (each half-width >= 1) around some evaluated voxels.
 
     voxel_index: (n,) their flat indices in the padded grid; reference, tolerance: theirs.
     """
-    offsets = _cube_offsets(box, grid.strides, reference.device)
-    shape = tuple(2 * b + 1 for b in box)
-    chunk = max(1, chunk_size // offsets.numel())
-    gap = torch.empty(voxel_index.numel(), dtype=torch.float32, device=reference.device)
-    slope = torch.empty_like(gap)
+    chunk = max(1, chunk_size // int(np.prod([2 * b + 1 for b in box])))
+    parts = []
     for start in range(0, voxel_index.numel(), chunk):
         part = slice(start, start + chunk)
-        index = voxel_index[part]
-        cube = torch.take(grid.flat, offsets[:, None] + index[None, :])  # (K, n)
-        high, low = cube.amax(dim=0), cube.amin(dim=0)
-        gap[part] = torch.clamp(torch.maximum(reference[part] - high, low - reference[part]), min=0.0)
-        slope[part] = _cube_gradient_bound(cube.view(*shape, -1), spacing_mm)
-    gap.div_(tolerance)
-    slope.div_(tolerance)
-    # loosen a little so float32 rounding can never make a bound exceed a real gamma
-    return _Bounds(gap.square_().mul_(1.0 - BOUND_SAFETY), slope.mul_(1.0 + BOUND_SAFETY).clamp_(max=MAX_SLOPE))
+        tol = tolerance[part] if torch.is_tensor(tolerance) else tolerance
+        parts.append(_cube_bounds(_cube_differences(grid, voxel_index[part], reference[part], box), tol, spacing_mm))
+    return _Bounds(torch.cat([p.gap_sq for p in parts]), torch.cat([p.slope for p in parts]))
 
 
 # --------------------------------------------------------------------------- shell evaluation
@@ -442,24 +497,55 @@ def _search_plan(distance_mm: float, interp_fraction: float, max_gamma: float,
 
 @dataclass
 class _ShellKernel:
-    """A shell's blocks on one grid: corner_offsets (U,) flat offsets in the padded grid; tensors on device."""
+    """A shell's blocks on one grid: corner_offsets (U,) flat offsets in the padded grid; tensors on device.
+
+    unit_cube_weights: (Q, 27) trilinear weights over the 3 x 3 x 3 voxels around the voxel (C
+    order) when every point's corners lie there (then ``unit_cube_weights @ cube_differences``
+    is D_eval(point) - D_ref), else None. box_voxels: the number of voxels in the box.
+    """
     distance_mm: float
     n_points: int
     corner_offsets: torch.Tensor
     block_rows: Optional[torch.Tensor]
     weights: torch.Tensor
     box: Tuple[int, int, int]
+    unit_cube_weights: Optional[torch.Tensor]
+    box_voxels: int
 
 
-def _shell_kernel(blocks: _ShellBlocks, strides: np.ndarray, device) -> _ShellKernel:
-    return _ShellKernel(
-        distance_mm=blocks.distance_mm,
-        n_points=blocks.n_points,
-        corner_offsets=torch.as_tensor(blocks.corners @ strides, dtype=torch.int64, device=device),
-        block_rows=None if blocks.block_rows is None else torch.as_tensor(blocks.block_rows, device=device),
-        weights=torch.as_tensor(blocks.weights, device=device),
-        box=blocks.box,
-    )
+def _shell_kernels(plan_key: tuple, strides: np.ndarray, device: torch.device) -> List[_ShellKernel]:
+    """The search plan of ``plan_key`` (``_search_plan``'s arguments) on one padded grid."""
+    plan = _search_plan(*plan_key)
+    offsets = torch.as_tensor(np.concatenate([blocks.corners for blocks in plan]) @ strides, device=device)
+    corners = offsets.split([len(blocks.corners) for blocks in plan])
+    return [replace(kernel, corner_offsets=shell_offsets)
+            for kernel, shell_offsets in zip(_kernels_on_device(plan_key, str(device)), corners)]
+
+
+@lru_cache(maxsize=16)
+def _plan_margin(plan_key: tuple) -> np.ndarray:
+    """(3,) voxels per axis a grid needs around the evaluated voxels for every search-point corner."""
+    return np.max([np.abs(blocks.corners).max(axis=0) for blocks in _search_plan(*plan_key)], axis=0) + 1
+
+
+@lru_cache(maxsize=16)
+def _kernels_on_device(plan_key: tuple, device: str) -> Tuple[_ShellKernel, ...]:
+    """The plan's weights as tensors on ``device`` (made once; corner_offsets left empty)."""
+    kernels = []
+    for blocks in _search_plan(*plan_key):
+        in_unit_cube = blocks.block_rows is None and np.array_equal(blocks.corners, UNIT_CUBE_CORNERS)
+        kernels.append(_ShellKernel(
+            distance_mm=blocks.distance_mm,
+            n_points=blocks.n_points,
+            corner_offsets=torch.empty(0, dtype=torch.int64, device=device),
+            block_rows=None if blocks.block_rows is None else torch.as_tensor(blocks.block_rows, device=device),
+            weights=torch.as_tensor(blocks.weights, device=device),
+            box=blocks.box,
+            unit_cube_weights=(torch.as_tensor(np.ascontiguousarray(blocks.weights[0, :, :27]), device=device)
+                               if in_unit_cube else None),
+            box_voxels=int(np.prod([2 * b + 1 for b in blocks.box])),
+        ))
+    return tuple(kernels)
 
 
 def _min_dose_difference(flat: torch.Tensor, voxel_index: torch.Tensor, reference: torch.Tensor,
@@ -472,7 +558,7 @@ def _min_dose_difference(flat: torch.Tensor, voxel_index: torch.Tensor, referenc
     for start in range(0, voxel_index.numel(), chunk):
         index = voxel_index[start:start + chunk]
         rows = torch.empty((n_corners + 1, index.numel()), dtype=flat.dtype, device=flat.device)
-        torch.take(flat, kernel.corner_offsets[:, None] + index[None, :], out=rows[:n_corners])
+        _take(flat, kernel.corner_offsets, index, out=rows[:n_corners])
         rows[n_corners] = reference[start:start + chunk]
         if kernel.block_rows is not None:
             rows = rows.index_select(0, kernel.block_rows)
@@ -481,31 +567,51 @@ def _min_dose_difference(flat: torch.Tensor, voxel_index: torch.Tensor, referenc
     return result
 
 
+def _select_last(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[..., index]`` (numpy's take is several times faster on the CPU for 2-D and up)."""
+    if values.device.type == "cpu" and values.ndim > 1:
+        return torch.from_numpy(np.take(values.numpy(), index.numpy(), axis=-1))
+    return values.index_select(-1, index)
+
+
+def _min_cube_difference(cube: torch.Tensor, weights: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(n,) minimum over a shell's points of |D_eval(voxel + point) - D_ref| (Gy, float32) from
+    (3, 3, 3, n) cubes of D_eval - D_ref around n voxels and the shell's (Q, 27) unit-cube weights."""
+    columns = cube.view(27, -1)
+    chunk = max(1, chunk_size // weights.shape[0])
+    result = torch.empty(columns.shape[1], dtype=columns.dtype, device=columns.device)
+    for start in range(0, columns.shape[1], chunk):
+        differences = torch.mm(weights, columns[:, start:start + chunk])  # (Q, n)
+        torch.amin(differences.abs_(), dim=0, out=result[start:start + chunk])
+    return result
+
+
 # --------------------------------------------------------------------------- the search
 
 
 @dataclass
 class _Active:
-    """The evaluated voxels still searched, as compact arrays of equal length.
+    """The evaluated voxels still searched, as arrays whose last dimension is the voxel.
 
-    ids: positions in the evaluated-voxel list; voxel_index: flat index in the padded grid;
-    reference: Gy (float32); tolerance: Gy, per voxel (local gamma) or one number;
+    ids: (n,) positions in the evaluated-voxel list; best: float64 squared gamma so far;
     dose0: float64 dose term at the voxel itself (loosened by BOUND_SAFETY, for bounds);
-    best: float64 squared gamma so far; gap_sq, slope: float64 bounds of the current box (or None).
+    gap_sq, slope: float64 bounds of the current box, or None; slope_floor: float64 minimum over
+    radii r >= 0 of (dose0 - slope r)+**2 + (r / distance_mm)**2 (with gap_sq, or None);
+    cube: (3, 3, 3, n) float32 D_eval - D_ref at the 27 voxels around each voxel, gathered once
+    for all the shells that lie within them (``_ShellKernel.unit_cube_weights``), or None.
     """
     ids: torch.Tensor
-    voxel_index: torch.Tensor
-    reference: torch.Tensor
-    tolerance: Union[torch.Tensor, float]
-    dose0: torch.Tensor
     best: torch.Tensor
+    dose0: torch.Tensor
     gap_sq: Optional[torch.Tensor] = None
     slope: Optional[torch.Tensor] = None
+    slope_floor: Optional[torch.Tensor] = None
+    cube: Optional[torch.Tensor] = None
 
     def select(self, keep: torch.Tensor) -> "_Active":
         """The voxels at positions ``keep`` ((k,) int64 indices)."""
         def pick(value):
-            return value.index_select(0, keep) if torch.is_tensor(value) and value.ndim else value
+            return None if value is None else _select_last(value, keep)
         return _Active(*(pick(getattr(self, name)) for name in self.__dataclass_fields__))
 
 
@@ -513,24 +619,24 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
             kernels: List[_ShellKernel], skip_once_passed: bool, chunk_size: int) -> torch.Tensor:
     """(N,) float64 squared gamma (before clipping) of the evaluated voxels.
 
-    Shells are searched innermost first. A voxel is searched on a shell only if a lower bound of
-    the shell's gamma is below its current best (capped at max_gamma); a shell of radius r in a
-    box gives at least  max(gap, dose0 - slope * r)**2 + (r / distance_mm)**2  (``_Bounds``;
-    dose0 is the dose term at the voxel itself), or (r / distance_mm)**2 before the box's bounds
-    are known. They are computed, for the voxels still searched, at the first shell of the box
-    with as many points as the box has voxels (then they cost about as much as that shell). A
-    voxel leaves the search once no later shell can lower its gamma.
+    Shells are searched innermost first. A voxel is searched on a shell only while a lower bound
+    of some shell from there on is below its current best (capped at max_gamma); a shell of
+    radius r in a box gives at least  max(gap, dose0 - slope * r)**2 + (r / distance_mm)**2
+    (``_Bounds``; dose0 is the dose term at the voxel itself), or (r / distance_mm)**2 before the
+    box's bounds are known. They are computed, for the voxels still searched, at the first shell
+    of the box with as many points as the box has voxels (then they cost about as much as that
+    shell). Searching a voxel on a shell that cannot improve it is wasted work but never changes
+    its minimum, so when most voxels are searched all are.
     """
     dta = settings.distance_mm
     radius = [k.distance_mm for k in kernels]
     distance_term = [(r / dta) ** 2 for r in radius]  # as pymedphys: (distance / DTA) ** 2
-    box_cost = [int(np.prod([2 * b + 1 for b in k.box])) for k in kernels]
     max_gamma_sq = settings.max_gamma ** 2
 
     dose0 = torch.abs(grid.flat[grid.voxel_index] - reference).double() / tolerance  # the radius-0 shell
     result = dose0.square()
-    active = _Active(torch.arange(reference.numel(), device=reference.device), grid.voxel_index, reference,
-                     tolerance, dose0.mul_(1.0 - BOUND_SAFETY), result.clone())
+    active = _Active(torch.arange(reference.numel(), device=reference.device), result.clone(),
+                     dose0.mul_(1.0 - BOUND_SAFETY))
 
     def goal(state):
         """Squared gamma a later shell must beat: the current best, capped at max_gamma."""
@@ -541,73 +647,93 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
 
     def shell_bound(state, s):
         """Squared-gamma lower bound on shell s (the box's bounds must be the state's)."""
-        if state.gap_sq is None:
-            return distance_term[s]
         slope_term = torch.clamp(state.dose0 - state.slope * radius[s], min=0.0).square_()
         return torch.maximum(state.gap_sq, slope_term).add_(distance_term[s])
 
-    def box_floor(state, s):
-        """Squared-gamma lower bound on all shells from s on in the same box: the gap bound at
-        radius[s], or the minimum over r >= radius[s] of the convex (dose0 - slope r)+**2 + r**2/dta**2."""
-        if state.gap_sq is None:
-            return distance_term[s]
-        r = torch.clamp(state.dose0 * state.slope / (state.slope.square() + dta ** -2), min=radius[s])
-        slope_floor = torch.clamp(state.dose0 - state.slope * r, min=0.0).square_().add_(r.div_(dta).square_())
-        return torch.maximum(state.gap_sq + distance_term[s], slope_floor)
+    def set_bounds(state, found: _Bounds):
+        state.gap_sq, state.slope = found.gap_sq.double(), found.slope.double()
+        # the convex (dose0 - slope r)+**2 + r**2/dta**2 is smallest at r = dose0 slope / (slope**2 + dta**-2)
+        r = state.dose0 * state.slope / (state.slope.square() + dta ** -2)
+        state.slope_floor = torch.clamp(state.dose0 - state.slope * r, min=0.0).square_().add_(r.div_(dta).square_())
 
     def still_improvable(state, next_shell):
-        """Mask of voxels that a shell from next_shell on could still improve."""
+        """Mask of voxels that a shell from next_shell on could still improve, or None if none can."""
+        if next_shell == len(kernels):
+            return None
         target = goal(state)
+        if state.gap_sq is None:  # the distance term grows with the radius
+            return distance_term[next_shell] < target
         box = kernels[next_shell - 1].box
         same_box = next((t for t in range(next_shell, len(kernels)) if kernels[t].box == box), None)
         next_box = next((t for t in range(next_shell, len(kernels)) if kernels[t].box != box), None)
         keep = torch.zeros(state.best.shape, dtype=torch.bool, device=state.best.device)
         if same_box is not None:
-            keep |= box_floor(state, same_box) < target
+            # a lower bound on all shells from same_box on in this box
+            keep |= torch.maximum(state.gap_sq + distance_term[same_box], state.slope_floor) < target
         if next_box is not None:
             keep |= distance_term[next_box] < target
         return keep
 
     def retire(state, keep):
         """Store the results of the voxels that leave; return the others. Compacting costs a
-        copy of every array, so it waits until a quarter of the voxels can leave: the others
-        would only be carried along (no later shell's bound is below their goal, so they are
-        never searched again; ``_search``'s docstring)."""
-        staying = torch.nonzero(keep).squeeze(1)
-        if staying.numel() > 0.75 * keep.numel():
+        copy of every array, so it waits until a tenth of the voxels can leave."""
+        if keep is None:  # no shell left
+            result[state.ids] = state.best
+            return None
+        staying = _flat_nonzero(keep)
+        if staying.numel() > 0.9 * keep.numel():
             return state
-        leaving = torch.nonzero(~keep).squeeze(1)
-        result[state.ids[leaving]] = state.best[leaving]
+        result.index_copy_(0, state.ids, state.best)  # the staying ones are written again later
         return state.select(staying)
 
     active = retire(active, still_improvable(active, 1))
     for s in range(1, len(kernels)):
-        if active.ids.numel() == 0:
+        if active is None or active.ids.numel() == 0:
             break
-        if kernels[s].box != kernels[s - 1].box:  # a new box: its bounds are not known yet
-            active.gap_sq = active.slope = None
-        if active.gap_sq is None and kernels[s].n_points >= box_cost[s]:
-            found = _box_bounds(grid, active.voxel_index, active.reference, active.tolerance, kernels[s].box,
-                                settings.spacing_mm, chunk_size)
-            active.gap_sq, active.slope = found.gap_sq.double(), found.slope.double()
-        hopeful = torch.nonzero(shell_bound(active, s) < goal(active)).squeeze(1)
-        if hopeful.numel():
-            tol = active.tolerance[hopeful] if torch.is_tensor(active.tolerance) else active.tolerance
-            dose_diff = _min_dose_difference(grid.flat, active.voxel_index[hopeful], active.reference[hopeful],
-                                             kernels[s], chunk_size)
+        kernel = kernels[s]
+        if kernel.box != kernels[s - 1].box:  # a new box: its bounds are not known yet
+            active.gap_sq = active.slope = active.slope_floor = None
+        if kernel.unit_cube_weights is None:
+            active.cube = None
+        elif active.cube is None:
+            active.cube = _cube_differences(grid, grid.voxel_index[active.ids], reference[active.ids], UNIT_CUBE)
+        if active.gap_sq is None and kernel.n_points >= kernel.box_voxels:
+            tol = tolerance[active.ids] if torch.is_tensor(tolerance) else tolerance
+            if kernel.box == UNIT_CUBE and active.cube is not None:
+                found = _cube_bounds(active.cube, tol, settings.spacing_mm)
+            else:
+                found = _box_bounds(grid, grid.voxel_index[active.ids], reference[active.ids], tol, kernel.box,
+                                    settings.spacing_mm, chunk_size)
+            set_bounds(active, found)
+        hopeful = None  # all
+        if active.gap_sq is not None:
+            hopeful = _flat_nonzero(shell_bound(active, s) < goal(active))
+            if hopeful.numel() > 0.75 * active.ids.numel():
+                hopeful = None
+        if hopeful is None or hopeful.numel():
+            ids = active.ids if hopeful is None else active.ids[hopeful]
+            if active.cube is not None:
+                cube = active.cube if hopeful is None else _select_last(active.cube, hopeful)
+                dose_diff = _min_cube_difference(cube, kernel.unit_cube_weights, chunk_size)
+            else:
+                dose_diff = _min_dose_difference(grid.flat, grid.voxel_index[ids], reference[ids], kernel, chunk_size)
+            tol = tolerance[ids] if torch.is_tensor(tolerance) else tolerance
             shell_gamma_sq = (dose_diff.double() / tol).square_().add_(distance_term[s])
-            active.best[hopeful] = torch.minimum(active.best[hopeful], shell_gamma_sq)
+            if hopeful is None:
+                torch.minimum(active.best, shell_gamma_sq, out=active.best)
+            else:
+                active.best[hopeful] = torch.minimum(active.best[hopeful], shell_gamma_sq)
         active = retire(active, still_improvable(active, s + 1))
-    result[active.ids] = active.best
+    if active is not None:
+        result[active.ids] = active.best
     return result
 
 
 def _round_up_to_float32(values: torch.Tensor) -> torch.Tensor:
     """float64 -> float32 rounding up, so ``gamma32 <= 1`` exactly when ``gamma64 <= 1``."""
     single = values.float()
-    low = single.double() < values
-    single[low] = torch.nextafter(single[low], torch.full_like(single[low], math.inf))
-    return single
+    above = torch.nextafter(single, torch.tensor(math.inf, device=single.device))
+    return torch.where(single.double() < values, above, single)
 
 
 # --------------------------------------------------------------------------- public API
@@ -649,10 +775,9 @@ def _evaluated_gamma(reference: ArrayLike, evaluated: ArrayLike, spacing_mm, dos
     voxels = _voxels_to_evaluate(ref, settings, normalisation, region, random_subset, seed)
     if voxels.numel() == 0:
         return ref.shape, device, voxels, torch.empty(0, dtype=torch.float32, device=device)
-    plan = _search_plan(settings.distance_mm, settings.interp_fraction, settings.max_gamma, settings.spacing_mm)
-    margin = np.max([np.abs(blocks.corners).max(axis=0) for blocks in plan], axis=0) + 1
-    grid = _prepare_grid(ev, voxels, margin)
-    kernels = [_shell_kernel(blocks, grid.strides, device) for blocks in plan]
+    plan_key = (settings.distance_mm, settings.interp_fraction, settings.max_gamma, settings.spacing_mm)
+    grid = _prepare_grid(ev, voxels, _plan_margin(plan_key))
+    kernels = _shell_kernels(plan_key, grid.strides, device)
     ref_values = ref.reshape(-1)[voxels]
     fraction = settings.dose_percent / 100.0
     tolerance = fraction * ref_values if settings.local else fraction * normalisation
