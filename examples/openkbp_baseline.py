@@ -21,7 +21,7 @@ Steps:
 
 The scores come from the LAST checkpoint (end of the cosine schedule), not the one with the best
 validation MAE, so the validation patients do not select the model they are scored on.
-Outputs: ``<work_dir>/results_<model>.json`` (scores, per-patient numbers, training time,
+Outputs: ``<work_dir>/results_<model>.json`` (``results_<exp_name>.json`` with ``--exp_name``; scores, per-patient numbers, training time,
 machine, exact command) and ``<work_dir>/runs/<exp_name>/`` (the Trainer's logs and checkpoints).
 """
 from __future__ import annotations
@@ -127,6 +127,7 @@ def train_config(args, data_dir: Path, val_ids) -> TrainConfig:
         patches_per_volume=args.patches_per_volume, num_workers=0, cache_cases=True, model=args.model,
         base_channels=args.base_channels, levels=args.levels, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, min_lr=args.lr / 100, warmup_epochs=1.0, precision=args.precision, loss=args.loss,
+        loss_mask=args.loss_mask,
         ema=True, ema_decay=args.ema_decay, patience=0, ddim_steps=args.val_ddim_steps,
         gamma_subsample=2 if args.resolution == "half" else 4,
         max_val_cases=args.max_val_cases if args.max_val_cases else (1 if is_ddpm else None),
@@ -234,6 +235,9 @@ def parse_args(argv=None):
     p.add_argument("--loss", choices=("mse", "l1"), default=None,
                    help="data term (default: l1 for baseline, the quantity the dose score measures; "
                         "mse on the noise for ddpm)")
+    p.add_argument("--loss_mask", default=None, metavar="EXTRA",
+                   help="average the data term over this case extra only, e.g. possible_dose_mask "
+                        "(what the dose score measures); default: all voxels of a patch")
     p.add_argument("--val_every", type=int, default=5, help="validate every N epochs (and after the last)")
     p.add_argument("--max_minutes", type=float, default=None,
                    help="training time budget (stops before an epoch that would end past it)")
@@ -258,6 +262,7 @@ def parse_args(argv=None):
     p.add_argument("--score_only", action="store_true", help="skip training; score the run's last checkpoint")
     p.add_argument("--checkpoint", type=Path, default=None, help="score this checkpoint instead of last.ckpt")
     args = p.parse_args(argv)
+    args.results_file = f"results_{args.exp_name or args.model}.json"
     args.exp_name = args.exp_name or f"openkbp_{args.model}_{args.resolution}"
     args.loss = args.loss or ("l1" if args.model == "baseline" else "mse")
     work = args.work_dir.resolve()
@@ -342,7 +347,7 @@ def main(argv=None) -> dict:
         "reference_dose_half_res_roundtrip": summarise(roundtrip_rows) if roundtrip_rows else None,
         "published_reference": {"OpenKBP winner (200 train pts, GPU)": PUBLISHED_BEST},
     }
-    out = args.work_dir / f"results_{args.model}.json"
+    out = args.work_dir / args.results_file
     atomic_write_json(out, results)
     print_table(results)
     print(f"results written to {out}")

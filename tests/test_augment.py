@@ -150,3 +150,16 @@ def test_bad_input():
         augment(patch, PROSTATE, 0, max_shift=-1)
     with pytest.raises(ValueError, match="dose"):
         flip_lr({**patch, "dose": torch.zeros(P)}, PROSTATE)
+
+
+def test_other_volumes_move_with_the_dose():
+    structures = ["PTV70", "Femur_L", "Femur_R"]
+    g = torch.Generator().manual_seed(0)
+    patch = {"ct": torch.rand(1, 6, 5, 4, generator=g), "masks_sdf": torch.rand(3, 6, 5, 4, generator=g),
+             "dose": torch.rand(1, 6, 5, 4, generator=g), "label": "keep me", "small": torch.rand(1, 2, 2, 2)}
+    patch["possible_dose_mask"] = (patch["dose"] > 0.5).float()
+    flipped = flip_lr(patch, structures)
+    np.testing.assert_array_equal(flipped["possible_dose_mask"].numpy(), (flipped["dose"] > 0.5).float().numpy())
+    moved = translate(patch, (2, -1, 1))
+    np.testing.assert_array_equal(moved["possible_dose_mask"].numpy(), (moved["dose"] > 0.5).float().numpy())
+    assert moved["label"] == "keep me" and moved["small"] is patch["small"]

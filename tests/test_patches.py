@@ -235,3 +235,20 @@ def test_bad_sampler_arguments(kwargs):
         PatchSampler(**kwargs)
     with pytest.raises(TypeError, match="rng"):
         PatchSampler(rng="seed")
+
+
+def test_extras_are_cut_out_with_zero_outside_and_named_when_missing():
+    case = make_case()
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[5:30, 4:20, 3:25] = 1
+    case.extras["possible_dose_mask"] = mask
+    sampler = PatchSampler(patch_size=12, patches_per_volume=1, rng=0, extras=("possible_dose_mask",))
+    patch = sampler._extract(case, (2, 30, 10), biased=False)
+    expected = padded_reference(mask.astype(np.float32), (2, 30, 10), (12, 12, 12), 0.0)
+    assert patch["possible_dose_mask"].shape == (1, 12, 12, 12)
+    np.testing.assert_array_equal(patch["possible_dose_mask"][0].numpy(), expected)
+    assert sampler.sample(case)[0]["possible_dose_mask"].dtype == torch.float32
+    with pytest.raises(ValueError, match="case c1: extra 'body' must be a volume of the CT's shape"):
+        PatchSampler(patch_size=8, extras=("body",)).sample(make_case(case_id="c1"))
+    with pytest.raises(ValueError, match="extras must not be named like the patch entries"):
+        PatchSampler(extras=("dose",))

@@ -199,3 +199,65 @@ def test_cli_names_a_bad_validation_setting(phantom_dir, tmp_path, capsys):
                            "--log_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "val_dir:" in err and "nowhere is not a folder" in err
+
+
+# --------------------------------------------------------------------------- loss mask
+
+
+def test_masked_loss_averages_over_the_voxels_inside_only():
+    target = torch.zeros(2, 1, 4, 1, 1)
+    prediction = torch.tensor([0.5, 0.1, 9.0, 9.0, 0.3, 0.2, 7.0, -7.0]).reshape(2, 1, 4, 1, 1)
+    mask = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]).reshape(2, 1, 4, 1, 1)
+    parts = regression_loss(prediction, target, penalty_weight=0.0, loss="l1", mask=mask)
+    assert float(parts.data) == pytest.approx((0.5 + 0.1 + 0.3 + 0.2) / 4)     # the 9s and 7s do not count
+    assert float(parts.mse) == pytest.approx((0.25 + 0.01 + 0.09 + 0.04) / 4)
+    with_penalty = regression_loss(prediction, target, penalty_weight=1.0, loss="l1", mask=mask)
+    assert float(with_penalty.penalty) == pytest.approx(49.0 / 8)              # the penalty sees every voxel
+    nothing_inside = regression_loss(prediction, target, penalty_weight=0.0, mask=torch.zeros_like(mask))
+    assert float(nothing_inside.total) == 0.0
+    batch = {"ct": torch.rand(1, 1, 8, 8, 8), "masks_sdf": torch.rand(1, 8, 8, 8, 8), "constraints": torch.rand(1, 13),
+             "dose": torch.full((1, 1, 8, 8, 8), 35.0), "loss_mask": torch.zeros(1, 1, 8, 8, 8)}
+    batch["loss_mask"][..., :4] = 1.0
+    model = loop.new_model("baseline", 8, 13, base_channels=4, levels=2)
+    objective = Objective("baseline", 70.0, penalty_weight=0.0, loss_mask="possible_dose_mask")
+    loss = objective.loss(model, batch).data
+    loss.backward()
+    with torch.no_grad():
+        prediction = model(torch.cat([batch["ct"], batch["masks_sdf"]], 1), batch["constraints"])
+    assert float(loss.detach()) == pytest.approx(float(((prediction - 0.5)[..., :4] ** 2).mean()), rel=1e-5)
+
+
+def test_patches_carry_the_loss_mask_through_augmentation(phantom_dir):
+    from vmat_diffusion.training.data import CaseReader, PatchDataset, micro_batches
+    catalog = scan_cases(phantom_dir)
+    assert all("possible_dose_mask" in c.extras for c in catalog.cases)
+    reader = CaseReader([c.path for c in catalog.cases])
+    dataset = PatchDataset(reader, catalog.structures, patch_size=16, patches_per_volume=3, seed=3,
+                           loss_mask="possible_dose_mask")
+    item = dataset[(0, 0, 0)]
+    assert item["loss_mask"].shape == item["dose"].shape
+    assert set(torch.unique(item["loss_mask"]).tolist()) <= {0.0, 1.0}
+    # the dose is zero wherever the phantom's possible-dose mask (its body) is off, flips and shifts included
+    assert float(item["dose"][item["loss_mask"] == 0].abs().max()) == 0.0
+    assert 0 < float(item["loss_mask"].mean()) <= 1
+    batches = list(micro_batches([item, dataset[(0, 1, 1)]], batch_size=4))
+    assert [b["loss_mask"].shape[0] for b in batches] == [4, 2]
+
+
+def test_loss_mask_trains_and_a_missing_extra_is_named(phantom_dir, tmp_path):
+    summary = loop.Trainer(tiny_config(phantom_dir, tmp_path, epochs=1, loss_mask="possible_dose_mask")).fit()
+    assert summary["epochs_completed"] == 1
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["config"]["loss_mask"] == "possible_dose_mask"
+    with pytest.raises(ValueError, match=r"loss_mask: case\(s\) .*\.npz.* have no extra 'ptv_ring'"):
+        loop.Trainer(tiny_config(phantom_dir, tmp_path / "other", loss_mask="ptv_ring")).fit()
+    with pytest.raises(ValueError, match="loss_mask: expected the name of a case extra"):
+        tiny_config(phantom_dir, tmp_path, loss_mask=" ").validate()
+
+
+def test_cli_loss_mask_flag(phantom_dir, tmp_path, capsys):
+    args = train_cli.build_parser().parse_args(["--data_dir", str(phantom_dir), "--loss_mask", "possible_dose_mask"])
+    assert train_cli.config_from_args(args).validate().loss_mask == "possible_dose_mask"
+    code = train_cli.main(["--data_dir", str(phantom_dir), "--log_dir", str(tmp_path), "--loss_mask", "nothing",
+                           "--epochs", "1", "--patch_size", "16", "--base_channels", "4", "--levels", "2",
+                           "--num_workers", "0"])
+    assert code == 2 and "loss_mask: case(s)" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """Training-only augmentation of patches: left-right flip and small translations.
 
 Patches are dicts as made by ``PatchSampler.sample``: ``ct`` (1, X, Y, Z), ``masks_sdf`` (S, X, Y, Z),
-``dose`` (1, X, Y, Z) tensors, plus any other entries (copied through unchanged).
+``dose`` (1, X, Y, Z) tensors, plus any other entries: other (C, X, Y, Z) tensors of the same
+spatial shape (e.g. a ``possible_dose_mask`` extra) are flipped and shifted like the dose, the
+rest is copied through unchanged.
 
 * Left-right flip: reverses X (``conventions.LR_AXIS``, tensor dim 1 of a (C, X, Y, Z) patch)
   and swaps the channels of every left/right structure pair (``Femur_L``/``Femur_R``,
@@ -17,7 +19,7 @@ by this call; zeros when none), so a caller can map the patch back to the case.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,6 +48,13 @@ def _check_patch(patch: Dict, structures: Sequence[str]) -> None:
                          f"{patch['masks_sdf'].shape[0]}")
 
 
+def _other_volume_keys(patch: Dict) -> Tuple[str, ...]:
+    """Keys of the (C, X, Y, Z) tensors besides VOLUME_KEYS with the patch's spatial shape."""
+    spatial = tuple(patch["dose"].shape[1:])
+    return tuple(key for key, value in patch.items() if key not in VOLUME_KEYS and isinstance(value, torch.Tensor)
+                 and value.ndim == 4 and tuple(value.shape[1:]) == spatial)
+
+
 def flip_lr(patch: Dict, structures: Sequence[str]) -> Dict:
     """Mirror a patch left-right (X) and swap left/right structure channels; returns a new dict.
 
@@ -58,6 +67,8 @@ def flip_lr(patch: Dict, structures: Sequence[str]) -> Dict:
     out["ct"] = torch.flip(patch["ct"], dims=(dim,))
     out["dose"] = torch.flip(patch["dose"], dims=(dim,))
     out["masks_sdf"] = torch.flip(patch["masks_sdf"], dims=(dim,)).index_select(0, permutation)
+    for key in _other_volume_keys(patch):
+        out[key] = torch.flip(patch[key], dims=(dim,))
     out["flipped"] = not bool(patch.get("flipped", False))
     return out
 
@@ -72,7 +83,7 @@ def translate(patch: Dict, shift: Sequence[int]) -> Dict:
     if len(shift) != 3:
         raise ValueError(f"shift must be 3 integers (voxels along X, Y, Z), got {shift!r}")
     out = dict(patch)
-    for key in VOLUME_KEYS:
+    for key in VOLUME_KEYS + _other_volume_keys(patch):
         out[key] = _shift_replicate(patch[key], shift)
     out["shift"] = tuple(shift)
     return out

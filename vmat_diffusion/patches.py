@@ -19,6 +19,8 @@ import torch
 from .conventions import CT_AIR, SDF_ABSENT, SDF_OUTSIDE
 
 DOSE_FILL = 0.0
+EXTRA_FILL = 0.0   # outside the case: outside any mask
+PATCH_KEYS = ("ct", "masks_sdf", "dose", "center", "dose_biased")
 READ_THREADS = 2   # PatchSampler default: a memory-mapped 128^3 x 10-channel patch took 31 ms on 1 thread, 16.5 ms on 2
 
 _POOLS: Dict[Tuple[int, int], ThreadPoolExecutor] = {}
@@ -142,11 +144,13 @@ class PatchSampler:
     a uniformly chosen voxel of the whole volume. rng: numpy Generator, int seed or None.
     max_cached_cases: the dose-biased centre lists of this many cases are kept (least recently
     used dropped). read_threads: threads copying each patch out of the case (``extract_patch``).
+    extras: names of ``case.extras`` volumes (X, Y, Z), e.g. ``possible_dose_mask``, cut out of
+    the case too, each as a (1, p, p, p) float32 tensor under its own name (0 outside the case).
     A case object with a callable ``precomputed_centers(threshold)`` (the
     memory-mapped store) supplies its own list and is not cached.
 
     ``sample(case)`` returns a list of dicts: ``ct`` (1, p, p, p), ``masks_sdf`` (S, p, p, p),
-    ``dose`` (1, p, p, p) in Gy (float32 tensors), ``center`` (3 ints, voxel indices in the case)
+    ``dose`` (1, p, p, p) in Gy (float32 tensors), one entry per name in ``extras``, ``center`` (3 ints, voxel indices in the case)
     and ``dose_biased`` (bool: True when the centre came from the high-dose list; a patch whose
     coin chose the dose rule falls back to a uniform centre, and reports False, when no voxel
     reaches the threshold).
@@ -154,7 +158,7 @@ class PatchSampler:
 
     def __init__(self, patch_size=128, patches_per_volume: int = 4, dose_biased_fraction: float = 0.5,
                  dose_threshold: float = 0.1, rng=None, max_cached_cases: int = 512,
-                 read_threads: int = READ_THREADS):
+                 read_threads: int = READ_THREADS, extras: Sequence[str] = ()):
         self.patch_size = _as_size3(patch_size)
         if not isinstance(patches_per_volume, (int, np.integer)) or isinstance(patches_per_volume, bool) \
                 or patches_per_volume < 1:
@@ -168,6 +172,12 @@ class PatchSampler:
         if not isinstance(read_threads, (int, np.integer)) or isinstance(read_threads, bool) or read_threads < 1:
             raise ValueError(f"read_threads must be a positive integer, got {read_threads!r}")
         self.read_threads = int(read_threads)
+        if isinstance(extras, str) or not all(isinstance(name, str) for name in extras):
+            raise TypeError(f"extras must be a sequence of case-extra names, got {extras!r}")
+        clashing = [name for name in extras if name in PATCH_KEYS]
+        if clashing:
+            raise ValueError(f"extras must not be named like the patch entries {PATCH_KEYS}, got {clashing}")
+        self.extras = tuple(extras)
         self.patches_per_volume = int(patches_per_volume)
         self.dose_biased_fraction = float(dose_biased_fraction)
         self.dose_threshold = float(dose_threshold)
@@ -203,6 +213,12 @@ class PatchSampler:
         """``patches_per_volume`` new random patches of ``case`` (see the class docstring)."""
         if case.dose is None:
             raise ValueError(f"case {_case_id(case)} has no dose; training patches need the reference dose")
+        for name in self.extras:
+            volume = case.extras.get(name)
+            if volume is None or tuple(np.shape(volume)) != tuple(case.ct.shape):
+                found = "missing" if volume is None else f"of shape {tuple(np.shape(volume))}"
+                raise ValueError(f"case {_case_id(case)}: extra '{name}' must be a volume of the CT's shape "
+                                 f"{tuple(case.ct.shape)}, found {found}")
         shape = tuple(case.ct.shape)
         biased = self.rng.random(self.patches_per_volume) < self.dose_biased_fraction
         centers = self.high_dose_centers(case) if biased.any() else None
@@ -217,10 +233,13 @@ class PatchSampler:
             patch = extract_patch(array, center, self.patch_size, fill, self.read_threads)
             patch = patch.astype(np.float32, copy=False)
             return torch.from_numpy(patch[None] if patch.ndim == 3 else patch)
-        return {
+        patch = {
             "ct": tensor(case.ct, CT_AIR),
             "masks_sdf": tensor(case.masks_sdf, sdf_padding(case.masks_sdf)),
             "dose": tensor(case.dose, DOSE_FILL),
             "center": center,
             "dose_biased": biased,
         }
+        for name in self.extras:
+            patch[name] = tensor(case.extras[name], EXTRA_FILL)
+        return patch

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--penalty_weight", type=float, default=d.penalty_weight, help="negative-dose penalty weight")
     opt.add_argument("--loss", choices=LOSSES, default=d.loss,
                      help="data term: mse (the guide's) or l1 (mean absolute error; baseline: dose/Rx, ddpm: noise)")
+    opt.add_argument("--loss_mask", default=d.loss_mask, metavar="EXTRA",
+                     help="average the data term over the voxels inside this case extra only, e.g. "
+                          "possible_dose_mask (OpenKBP); every case must have it. Default: all voxels")
     opt.add_argument("--precision", choices=list(PRECISIONS) + list(PRECISION_ALIASES), default=d.precision,
                      help="auto: bf16 on GPUs with bf16 and on CPUs with AMX, fp16+GradScaler on older GPUs, "
                           "fp32 otherwise")

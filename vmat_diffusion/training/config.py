@@ -22,6 +22,9 @@ Settings the guide does not fix (chosen here, documented on the field):
 * ``loss = "mse"``: the training guide's MSE; ``"l1"`` trains on the mean absolute error
   instead (for the baseline, the quantity the OpenKBP dose score measures; for ddpm, L1 on the
   noise). The negative-dose penalty is added in both cases.
+* ``loss_mask = None``: the data term over all voxels of a patch. The name of a case extra (a
+  (X, Y, Z) mask, e.g. OpenKBP's ``possible_dose_mask``) averages it over the voxels inside
+  instead, as the dose score does; every case must have that extra. Validation loss likewise.
 * ``val_every = 1``: validate every N epochs (and always after the last epoch); early-stopping
   ``patience`` still counts epochs.
 * ``max_minutes = None``: a time budget; training stops before an epoch that would end past it
@@ -77,6 +80,7 @@ class TrainConfig:
     gradient_clip: float = 1.0
     penalty_weight: float = 0.1        # weight of the negative-dose penalty
     loss: str = "mse"                  # "mse" or "l1" (module docstring)
+    loss_mask: Optional[str] = None    # case extra the data term is averaged over (module docstring)
     precision: str = "auto"
     ema: Optional[bool] = None
     ema_decay: float = 0.999
@@ -138,6 +142,9 @@ class TrainConfig:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("loss", self.loss, LOSSES)
+        if self.loss_mask is not None and (not isinstance(self.loss_mask, str) or not self.loss_mask.strip()):
+            raise ValueError(f"loss_mask: expected the name of a case extra (e.g. possible_dose_mask), "
+                             f"got {self.loss_mask!r}")
         if not self.data_dir:
             raise ValueError("data_dir: a folder of case .npz files is required")
         for name in ("epochs", "batch_size", "patch_size", "patches_per_volume", "base_channels",

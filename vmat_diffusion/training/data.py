@@ -12,7 +12,8 @@ Items and batches
 -----------------
 One dataset item is one case: its ``patches_per_volume`` patches, each augmented, stacked to
 ``ct`` (P, 1, p, p, p), ``masks_sdf`` (P, S, p, p, p), ``dose`` (P, 1, p, p, p) in Gy and
-``constraints`` (P, K). ``micro_batches`` cuts the stream of patches into batches of
+``constraints`` (P, K), plus ``loss_mask`` (P, 1, p, p, p), 1 inside, when the dataset is given a
+loss-mask extra (``TrainConfig.loss_mask``). ``micro_batches`` cuts the stream of patches into batches of
 ``batch_size`` patches (the last one of an epoch may be smaller; a batch can hold patches of
 two cases when ``batch_size`` does not divide ``patches_per_volume``). Whole volumes are read
 per item and not kept in RAM unless ``cache_cases`` is set (or the memory-mapped store is used).
@@ -59,6 +60,7 @@ class CaseInfo:
     constraint_dim: int
     spacing_mm: Tuple[float, float, float]
     rx_dose_gy: float
+    extras: Tuple[str, ...] = ()   # names of the case's extra arrays
 
 
 @dataclass
@@ -90,7 +92,7 @@ def scan_cases(data_dir, progress: bool = False, name: str = "data_dir") -> Case
         case = load_case(path)
         info = CaseInfo(path=path, case_id=case.case_id, shape=case.shape, structures=case.structures,
                         constraint_dim=int(case.constraints.shape[0]), spacing_mm=case.spacing_mm,
-                        rx_dose_gy=case.rx_dose_gy)
+                        rx_dose_gy=case.rx_dose_gy, extras=tuple(sorted(case.extras)))
         if infos:
             _check_consistent(infos[0], info)
         infos.append(info)
@@ -249,11 +251,13 @@ class PatchDataset(Dataset):
     """Item ``(epoch, position, case_index)`` -> the case's augmented patches, stacked (see module doc)."""
 
     def __init__(self, reader: CaseReader, structures: Sequence[str], patch_size: int, patches_per_volume: int,
-                 seed: int, rank: int = 0, augment: bool = True):
+                 seed: int, rank: int = 0, augment: bool = True, loss_mask: Optional[str] = None):
         self.reader = reader
         self.structures = list(structures)
         self.seed, self.rank, self.augment = int(seed), int(rank), bool(augment)
-        self.sampler = PatchSampler(patch_size=patch_size, patches_per_volume=patches_per_volume)
+        self.loss_mask = loss_mask
+        self.sampler = PatchSampler(patch_size=patch_size, patches_per_volume=patches_per_volume,
+                                    extras=() if loss_mask is None else (loss_mask,))
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -268,12 +272,15 @@ class PatchDataset(Dataset):
             from ..augment import augment
             patches = [augment(patch, self.structures, rng) for patch in patches]
         constraints = torch.from_numpy(np.asarray(case.constraints, dtype=np.float32))
-        return {
+        item = {
             "ct": torch.stack([p["ct"] for p in patches]),
             "masks_sdf": torch.stack([p["masks_sdf"] for p in patches]),
             "dose": torch.stack([p["dose"] for p in patches]),
             "constraints": constraints.expand(len(patches), -1).clone(),
         }
+        if self.loss_mask is not None:
+            item["loss_mask"] = torch.stack([(p[self.loss_mask] > 0.5).to(torch.float32) for p in patches])
+        return item
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -293,20 +300,22 @@ def make_train_loader(dataset: PatchDataset, sampler: EpochSampler, num_workers:
 
 
 def micro_batches(items, batch_size: int) -> Iterator[Dict[str, torch.Tensor]]:
-    """Cut a stream of stacked-patch items into batches of ``batch_size`` patches (last may be smaller)."""
-    pending: Dict[str, List[torch.Tensor]] = {key: [] for key in BATCH_KEYS}
+    """Cut a stream of stacked-patch items into batches of ``batch_size`` patches (last may be smaller).
+
+    Every item must have the same keys: BATCH_KEYS, and ``loss_mask`` when the dataset makes one."""
+    pending: Dict[str, List[torch.Tensor]] = {}
     count = 0
     for item in items:
-        for key in BATCH_KEYS:
-            pending[key].append(item[key])
+        for key in item:
+            pending.setdefault(key, []).append(item[key])
         count += item["ct"].shape[0]
         while count >= batch_size:
-            joined = {key: torch.cat(pending[key]) for key in BATCH_KEYS}
+            joined = {key: torch.cat(values) for key, values in pending.items()}
             yield {key: value[:batch_size] for key, value in joined.items()}
             pending = {key: [value[batch_size:]] for key, value in joined.items()}
             count -= batch_size
     if count > 0:
-        yield {key: torch.cat(pending[key]) for key in BATCH_KEYS}
+        yield {key: torch.cat(values) for key, values in pending.items()}
 
 
 def micro_batches_per_epoch(items_per_rank: int, patches_per_volume: int, batch_size: int) -> int:

@@ -329,10 +329,11 @@ def validate(model: nn.Module, cases: Iterable[Case], objective: Objective, *, p
         if objective.kind == "baseline":
             prediction = predict_dose_baseline(model, condition, constraints, rx, patch_size, overlap,
                                                autocast_dtype, window_batch_size)
-            loss = regression_loss(prediction, dose / rx, objective.penalty_weight, objective.loss_kind).total
+            loss = regression_loss(prediction, dose / rx, objective.penalty_weight, objective.loss_kind,
+                                   _loss_mask(case, objective, device)).total
             predicted_gy = (prediction * rx).clamp_min(0.0)
         else:
-            loss = _diffusion_validation_loss(model, objective, condition, constraints, dose, case.case_id,
+            loss = _diffusion_validation_loss(model, objective, condition, constraints, dose, case,
                                               patch_size, overlap, autocast_dtype, window_batch_size, seed)
             if index < sample_cases:
                 predicted_gy = _sample_dose(model, objective, condition, constraints, patch_size, overlap,
@@ -357,10 +358,18 @@ def validate(model: nn.Module, cases: Iterable[Case], objective: Objective, *, p
     return result
 
 
-def _diffusion_validation_loss(model, objective, condition, constraints, dose, case_id, patch_size, overlap,
+def _loss_mask(case: Case, objective: Objective, device) -> Optional[torch.Tensor]:
+    """The case's ``objective.loss_mask`` extra as a (1, 1, X, Y, Z) float32 0/1 tensor, or None."""
+    if objective.loss_mask is None:
+        return None
+    mask = np.asarray(case.extras[objective.loss_mask]) > 0.5
+    return torch.from_numpy(mask).to(device=device, dtype=torch.float32)[None, None]
+
+
+def _diffusion_validation_loss(model, objective, condition, constraints, dose, case, patch_size, overlap,
                                autocast_dtype, window_batch_size, seed) -> torch.Tensor:
     """Noise-prediction loss on the whole volume at one (timestep, noise) drawn from the case id."""
-    generator = torch.Generator().manual_seed(derive_seed(seed, zlib.crc32(case_id.encode())))
+    generator = torch.Generator().manual_seed(derive_seed(seed, zlib.crc32(case.case_id.encode())))
     schedule = objective.schedule
     x0 = dose_to_unit(dose, objective.rx_dose_gy)
     t = schedule.sample_timesteps(1, generator=generator, device=x0.device)
@@ -372,7 +381,8 @@ def _diffusion_validation_loss(model, objective, condition, constraints, dose, c
             return model(windows, t.expand(windows.shape[0]), constraint_rows)
     eps_hat = sliding_window_inference(torch.cat([x_t, condition], dim=1), predictor, patch_size=patch_size,
                                        overlap=overlap, batch_size=window_batch_size, volume_args=(constraints,))
-    return noise_loss(eps_hat, noise, x_t, t, schedule, objective.penalty_weight, objective.loss_kind).total
+    return noise_loss(eps_hat, noise, x_t, t, schedule, objective.penalty_weight, objective.loss_kind,
+                      _loss_mask(case, objective, x0.device)).total
 
 
 def _sample_dose(model, objective, condition, constraints, patch_size, overlap, autocast_dtype, window_batch_size,
@@ -444,6 +454,7 @@ class Trainer:
 
         # Cases: validate every file, split, and (when resuming) read the checkpoint.
         self.catalog, self.split = self._cases_and_split(scan_cases(cfg.data_dir, progress=self.progress))
+        self._check_loss_mask()
         checkpoint = load_checkpoint(cfg.resume, map_location="cpu") if cfg.resume else None
         if checkpoint is not None:
             self._adopt_checkpoint_settings(checkpoint)
@@ -460,7 +471,8 @@ class Trainer:
                                    cfg.base_channels, cfg.levels)
         self.model.to(self.device)
         self.schedule = NoiseSchedule(cfg.timesteps, cfg.schedule).to(self.device) if cfg.model == "ddpm" else None
-        self.objective = Objective(cfg.model, cfg.rx_dose_gy, cfg.penalty_weight, self.schedule, cfg.loss)
+        self.objective = Objective(cfg.model, cfg.rx_dose_gy, cfg.penalty_weight, self.schedule, cfg.loss,
+                                   cfg.loss_mask)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.use_ema else None
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -479,7 +491,7 @@ class Trainer:
         train_reader = CaseReader([c.path for c in self.split.train], cache=cfg.cache_cases, store=cfg.use_store)
         self.val_reader = CaseReader([c.path for c in self.split.val], cache=cfg.cache_cases, store=cfg.use_store)
         dataset = PatchDataset(train_reader, self.catalog.structures, cfg.patch_size, cfg.patches_per_volume,
-                               cfg.seed, rank=self.dist.rank, augment=cfg.augment)
+                               cfg.seed, rank=self.dist.rank, augment=cfg.augment, loss_mask=cfg.loss_mask)
         self.sampler = EpochSampler(len(train_reader), cfg.seed, self.dist.rank, self.dist.world_size)
         self.loader = make_train_loader(dataset, self.sampler, cfg.num_workers, derive_seed(cfg.seed, self.dist.rank),
                                         pin_memory=self.device.type == "cuda")
@@ -521,6 +533,17 @@ class Trainer:
             val_cases, rest = select_cases(catalog.cases, cfg.val_ids, cfg.data_dir)
             return catalog, split_with_validation(rest, val_cases, cfg.test_split, cfg.seed)
         return catalog, split_cases(catalog.cases, cfg.val_split, cfg.test_split, cfg.seed)
+
+    def _check_loss_mask(self) -> None:
+        """Every training and validation case must have the ``loss_mask`` extra."""
+        name = self.config.loss_mask
+        if name is None:
+            return
+        missing = [c.path.name for c in self.split.train + self.split.val if name not in c.extras]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(f"loss_mask: case(s) {shown} have no extra '{name}' "
+                             f"(each case needs an array '{name}' of the CT's shape)")
 
     def _adopt_checkpoint_settings(self, checkpoint: dict) -> None:
         """A resumed run keeps the checkpoint's model and data settings; it must see the same split."""

@@ -6,6 +6,12 @@ Baseline (``BaselineUNet3D``, the primary model) regresses dose / Rx::
 
 (``loss="l1"``: the mean absolute error replaces the MSE, in both models.)
 
+With a loss mask (``Objective.loss_mask``, e.g. OpenKBP's ``possible_dose_mask``) the data term
+(MSE or L1) is averaged over the voxels inside the mask only, as the dose score is: voxels that
+can receive no dose then take no share of the loss (on OpenKBP only 3-13 % of a patch is inside).
+The batch carries the mask as ``loss_mask`` (B, 1, X, Y, Z), 1 inside; the penalty stays over
+all voxels. A patch with no voxel inside contributes nothing.
+
 DDPM (``SimpleUNet3D``) predicts the noise added to x0 = ``dose_to_unit(dose, Rx)`` (in [-1, 1])::
 
     loss = MSE(eps_hat, eps) + penalty_weight * mean_b[ alpha_bar_t * mean(relu(-d0_hat)^2) ]
@@ -49,12 +55,20 @@ class LossParts:
 LOSS_KINDS = ("mse", "l1")
 
 
-def data_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> Tuple[torch.Tensor, torch.Tensor]:
-    """(the data term of ``kind`` ("mse" or "l1"), the MSE) of two float32 tensors."""
+def data_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = "mse",
+              mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the data term of ``kind`` ("mse" or "l1"), the MSE) of two float32 tensors, averaged over
+    all voxels or, with ``mask`` (same shape, 1 inside / 0 outside), over the voxels inside."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"loss: expected one of {', '.join(LOSS_KINDS)}, got {kind!r}")
-    mse = F.mse_loss(prediction, target)
-    return (mse if kind == "mse" else F.l1_loss(prediction, target)), mse
+    if mask is None:
+        mse = F.mse_loss(prediction, target)
+        return (mse if kind == "mse" else F.l1_loss(prediction, target)), mse
+    weight = mask.to(torch.float32)
+    inside = weight.sum().clamp_min(1.0)
+    difference = prediction - target
+    mse = (difference.square() * weight).sum() / inside
+    return (mse if kind == "mse" else (difference.abs() * weight).sum() / inside), mse
 
 
 def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
@@ -75,19 +89,21 @@ def baseline_inputs(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def regression_loss(prediction: torch.Tensor, target: torch.Tensor, penalty_weight: float = 0.1,
-                    loss: str = "mse") -> LossParts:
-    """Baseline loss from a prediction and target in dose / Rx units (B, 1, X, Y, Z)."""
+                    loss: str = "mse", mask: Optional[torch.Tensor] = None) -> LossParts:
+    """Baseline loss from a prediction and target in dose / Rx units (B, 1, X, Y, Z); ``mask``:
+    optional (B, 1, X, Y, Z) loss mask (module doc)."""
     prediction = prediction.float()
-    data, mse = data_loss(prediction, target.float(), loss)
+    data, mse = data_loss(prediction, target.float(), loss, mask)
     penalty = negative_dose_penalty(prediction).mean()
     return LossParts(total=data + penalty_weight * penalty, mse=mse, penalty=penalty, data=data)
 
 
 def noise_loss(eps_hat: torch.Tensor, noise: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule,
-               penalty_weight: float = 0.1, loss: str = "mse") -> LossParts:
-    """DDPM loss from the predicted noise (module doc): MSE (or L1) + alpha-bar-weighted penalty on x0_hat."""
+               penalty_weight: float = 0.1, loss: str = "mse", mask: Optional[torch.Tensor] = None) -> LossParts:
+    """DDPM loss from the predicted noise (module doc): MSE (or L1) + alpha-bar-weighted penalty on
+    x0_hat; ``mask``: optional (B, 1, X, Y, Z) loss mask."""
     eps_hat = eps_hat.float()
-    data, mse = data_loss(eps_hat, noise.float(), loss)
+    data, mse = data_loss(eps_hat, noise.float(), loss, mask)
     x0_hat = schedule.predict_x0(x_t, eps_hat, t)
     alpha_bar = schedule.alpha_bar(t).to(device=eps_hat.device, dtype=torch.float32)
     penalty = (alpha_bar * negative_dose_penalty(unit_to_dose(x0_hat, 1.0))).mean()
@@ -100,7 +116,7 @@ def baseline_loss(model, batch: Dict[str, torch.Tensor], rx_dose_gy: float, pena
     target = batch["dose"].float() / rx_dose_gy
     with autocast_context(target.device, autocast_dtype):
         prediction = model(baseline_inputs(batch), batch["constraints"])
-    return regression_loss(prediction, target, penalty_weight, loss)
+    return regression_loss(prediction, target, penalty_weight, loss, batch.get("loss_mask"))
 
 
 def diffusion_loss(model, batch: Dict[str, torch.Tensor], schedule, rx_dose_gy: float, penalty_weight: float = 0.1,
@@ -118,20 +134,23 @@ def diffusion_loss(model, batch: Dict[str, torch.Tensor], schedule, rx_dose_gy: 
     condition = baseline_inputs(batch)
     with autocast_context(x0.device, autocast_dtype):
         eps_hat = model(torch.cat([x_t, condition], dim=1), t, batch["constraints"])
-    return noise_loss(eps_hat, noise, x_t, t, schedule, penalty_weight, loss)
+    return noise_loss(eps_hat, noise, x_t, t, schedule, penalty_weight, loss, batch.get("loss_mask"))
 
 
 @dataclass
 class Objective:
     """Which model is trained and how its loss is computed.
 
-    kind: "baseline" or "ddpm"; schedule: the ``NoiseSchedule`` (ddpm only); loss_kind: "mse" or "l1".
+    kind: "baseline" or "ddpm"; schedule: the ``NoiseSchedule`` (ddpm only); loss_kind: "mse" or "l1";
+    loss_mask: the name of the case extra whose voxels the data term is averaged over (module
+    doc), or None for all voxels. Training batches then carry it as ``loss_mask``.
     """
     kind: str
     rx_dose_gy: float
     penalty_weight: float = 0.1
     schedule: Optional[torch.nn.Module] = None
     loss_kind: str = "mse"
+    loss_mask: Optional[str] = None
 
     def __post_init__(self):
         if self.kind not in ("baseline", "ddpm"):
