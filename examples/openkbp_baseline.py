@@ -236,8 +236,8 @@ def parse_args(argv=None):
                    help="data term (default: l1 for baseline, the quantity the dose score measures; "
                         "mse on the noise for ddpm)")
     p.add_argument("--loss_mask", default=None, metavar="EXTRA",
-                   help="average the data term over this case extra only, e.g. possible_dose_mask "
-                        "(what the dose score measures); default: all voxels of a patch")
+                   help="average the data term over this case extra only (default: possible_dose_mask, "
+                        "what the dose score measures, for baseline; none for ddpm); 'none': all voxels")
     p.add_argument("--val_every", type=int, default=5, help="validate every N epochs (and after the last)")
     p.add_argument("--max_minutes", type=float, default=None,
                    help="training time budget (stops before an epoch that would end past it)")
@@ -265,6 +265,10 @@ def parse_args(argv=None):
     args.results_file = f"results_{args.exp_name or args.model}.json"
     args.exp_name = args.exp_name or f"openkbp_{args.model}_{args.resolution}"
     args.loss = args.loss or ("l1" if args.model == "baseline" else "mse")
+    if args.loss_mask is None:
+        args.loss_mask = "possible_dose_mask" if args.model == "baseline" else None
+    elif args.loss_mask.lower() == "none":
+        args.loss_mask = None
     work = args.work_dir.resolve()
     for forbidden in ("vmat_diffusion", "tests"):
         if (REPO_ROOT / forbidden) in (work, *work.parents):
