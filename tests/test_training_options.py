@@ -247,7 +247,8 @@ def test_patches_carry_the_loss_mask_through_augmentation(phantom_dir):
 def test_loss_mask_trains_and_a_missing_extra_is_named(phantom_dir, tmp_path):
     summary = loop.Trainer(tiny_config(phantom_dir, tmp_path, epochs=1, loss_mask="possible_dose_mask")).fit()
     assert summary["epochs_completed"] == 1
-    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["config"]["loss_mask"] == "possible_dose_mask"
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["config"]
+    assert saved["loss_mask"] == "possible_dose_mask"
     with pytest.raises(ValueError, match=r"loss_mask: case\(s\) .*\.npz.* have no extra 'ptv_ring'"):
         loop.Trainer(tiny_config(phantom_dir, tmp_path / "other", loss_mask="ptv_ring")).fit()
     with pytest.raises(ValueError, match="loss_mask: expected the name of a case extra"):

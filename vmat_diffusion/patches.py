@@ -150,10 +150,10 @@ class PatchSampler:
     memory-mapped store) supplies its own list and is not cached.
 
     ``sample(case)`` returns a list of dicts: ``ct`` (1, p, p, p), ``masks_sdf`` (S, p, p, p),
-    ``dose`` (1, p, p, p) in Gy (float32 tensors), one entry per name in ``extras``, ``center`` (3 ints, voxel indices in the case)
-    and ``dose_biased`` (bool: True when the centre came from the high-dose list; a patch whose
-    coin chose the dose rule falls back to a uniform centre, and reports False, when no voxel
-    reaches the threshold).
+    ``dose`` (1, p, p, p) in Gy (float32 tensors), one entry per name in ``extras``, ``center``
+    (3 ints, voxel indices in the case) and ``dose_biased`` (bool: True when the centre came from
+    the high-dose list; a patch whose coin chose the dose rule falls back to a uniform centre, and
+    reports False, when no voxel reaches the threshold).
     """
 
     def __init__(self, patch_size=128, patches_per_volume: int = 4, dose_biased_fraction: float = 0.5,
