@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info  # noqa: E402  (sets OMP_WAIT_POLICY before torch loads)
+from common import machine_info, parse_device, synchronize  # noqa: E402  (sets OMP_WAIT_POLICY before torch loads)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -87,16 +87,22 @@ def openkbp_dose(folder: Path):
         return dose.reshape(128, 128, 128), tuple(np.loadtxt(folder / "voxel_dimensions.csv"))
 
 
-def time_ours(reference, evaluated, spacing_mm, repeats: int, threads: int):
+def time_ours(reference, evaluated, spacing_mm, repeats: int, threads: int, device=torch.device("cpu")):
+    """(gamma numpy array, best wall s, best CPU s); on a GPU the doses are tensors already there
+    (the copy to the device is not timed) and the time includes a synchronisation."""
     torch.set_num_threads(threads)  # again: a pymedphys (numba) call may have reset it
+    if device.type != "cpu":
+        reference, evaluated = (torch.from_numpy(a).to(device) for a in (reference, evaluated))
     gamma = gamma_index(reference, evaluated, spacing_mm, **CRITERIA)  # warm-up (builds the cached search plan)
     walls, cpus = [], []
     for _ in range(repeats):
+        synchronize(device)
         wall, cpu = time.perf_counter(), time.process_time()
         gamma = gamma_index(reference, evaluated, spacing_mm, **CRITERIA)
+        synchronize(device)
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
-    return gamma, min(walls), min(cpus)
+    return (gamma.cpu().numpy() if torch.is_tensor(gamma) else gamma), min(walls), min(cpus)
 
 
 def poor_prediction(dose: np.ndarray) -> np.ndarray:
@@ -126,7 +132,7 @@ def warm_up_pymedphys():
 
 
 def bench_case(name, reference, evaluated, spacing_mm, args, with_pymedphys: bool) -> dict:
-    ours, wall, cpu = time_ours(reference, evaluated, spacing_mm, args.repeats, args.threads)
+    ours, wall, cpu = time_ours(reference, evaluated, spacing_mm, args.repeats, args.threads, args.device)
     row = dict(case=name, shape=list(reference.shape), spacing_mm=[float(s) for s in spacing_mm],
                torch_threads=torch.get_num_threads(), op_overhead_ms=op_overhead_ms(),
                evaluated_voxels=int(np.count_nonzero(~np.isnan(ours))),
@@ -177,8 +183,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of ours (best is reported)")
     parser.add_argument("--pymedphys-repeats", type=int, default=2, help="timed pymedphys calls (best is reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch and numba threads")
+    parser.add_argument("--device", default="cpu", help="where ours runs (cuda: tensors on the GPU); "
+                        "pymedphys always runs on the CPU")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
+    args.device = parse_device(args.device)
 
     try:
         import numba
@@ -196,7 +205,7 @@ def main(argv=None) -> int:
         return have_pymedphys and (args.skip_pymedphys_above is None or volume.size <= args.skip_pymedphys_above)
 
     overhead = op_overhead_ms()
-    print(f"threads={args.threads}  criteria={CRITERIA}  torch op overhead {overhead:.3f} ms")
+    print(f"device={args.device}  threads={args.threads}  criteria={CRITERIA}  torch op overhead {overhead:.3f} ms")
     print(HEADER)
     rows = []
     for seed, size in enumerate(args.sizes):
@@ -228,7 +237,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(dict(
             criteria=CRITERIA, threads=args.threads, repeats=args.repeats,
             pymedphys_repeats=args.pymedphys_repeats, op_overhead_ms=overhead,
-            machine=machine_info(torch.device("cpu")), rows=rows,
+            machine=machine_info(args.device), device=str(args.device), rows=rows,
         ), indent=2))
     return 0
 

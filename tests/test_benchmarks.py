@@ -107,3 +107,19 @@ def test_train_step_profile_splits_kernel_time(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert 0 < row["kernel_share_percent"] <= 100
     assert row["kernel_gflops"] >= row["achieved_gflops"] * 0.5   # kernels alone are faster than the whole step
+
+
+def test_gpu_suite_script_runs_every_benchmark_at_toy_sizes(tmp_path):
+    """The prepared GPU run (benchmarks/gpu_suite.sh) on the CPU with QUICK=1: every benchmark
+    runs and writes its JSON, so a session lent a GPU can run it as it is."""
+    import os
+    import shutil
+    import subprocess
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and timeout")
+    env = dict(os.environ, DEVICE="cpu", QUICK="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("train_step", "sliding_window", "diffusion_predict", "gamma"):
+        assert json.loads((tmp_path / f"{name}.json").read_text())["rows"], name

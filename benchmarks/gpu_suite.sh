@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every benchmark on one GPU in one prepared run (the GPU figures of BENCHMARKS.md), about
+# 8 minutes on one H100/H200. Writes <name>.json and <name>.log per benchmark into OUT_DIR.
+#
+#   bash benchmarks/gpu_suite.sh OUT_DIR              # on the GPU machine, from the repo root
+#   DEVICE=cpu QUICK=1 bash benchmarks/gpu_suite.sh /tmp/suite   # toy sizes: checks the script
+#
+# torch must be installed; the package is used from the checkout (PYTHONPATH), so no install is
+# needed. MONAI (training step, sliding window) and pymedphys (gamma) are used when importable,
+# else those benchmarks time ours alone. Each benchmark gets at most STEP_SECONDS (default 150).
+set -uo pipefail
+out=${1:?usage: gpu_suite.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+device=${DEVICE:-cuda}
+limit=${STEP_SECONDS:-150}
+status=0
+
+run() {  # run NAME SCRIPT ARGS...: one benchmark, its JSON and log into $out
+    local name=$1 script=$2
+    shift 2
+    echo "== $name: python benchmarks/$script $*"
+    timeout "$limit" python "benchmarks/$script" "$@" --json "$out/$name.json" > "$out/$name.log" 2>&1
+    local code=$?
+    tail -n 12 "$out/$name.log"
+    if [ "$code" -ne 0 ]; then echo "== $name failed (exit $code)"; status=1; fi
+}
+
+if python -c "import monai" 2>/dev/null; then train_models="simple baseline monai"; else train_models="simple baseline"; fi
+if [ "${QUICK:-0}" = 1 ]; then
+    run train_step bench_train_step.py --device "$device" --models simple baseline --patch 16 --base 8 \
+        --levels 2 --precision fp32 --repeats 1 --warmup 0 --matmul-size 64
+    run sliding_window bench_sliding_window.py --device "$device" --shape 40 40 24 --patch 16 --overlap 4 \
+        --repeats 1 --no-memory
+    run diffusion_predict bench_diffusion_predict.py --device "$device" --shape 24 24 16 --patch 16 --overlap 4 \
+        --steps 2 --base 8 --levels 2 --batch-sizes 1 --repeats 1
+    run gamma bench_gamma.py --device "$device" --sizes 64x64x64 --no-openkbp --repeats 1 \
+        --pymedphys-repeats 1 --threads 1
+else
+    # shellcheck disable=SC2086  # the model list is meant to split into words
+    run train_step bench_train_step.py --device "$device" --models $train_models --patch 64 96 \
+        --precision fp32 bf16 --base 48 --repeats 5
+    run sliding_window bench_sliding_window.py --device "$device" --model unet
+    run diffusion_predict bench_diffusion_predict.py --device "$device"
+    run gamma bench_gamma.py --device "$device" --no-openkbp --big --repeats 5 --pymedphys-repeats 1 --threads 1
+fi
+exit $status
