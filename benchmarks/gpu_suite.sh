@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every benchmark on one GPU in one prepared run (the GPU figures of BENCHMARKS.md), about
-# 8 minutes on one H100/H200. Writes <name>.json and <name>.log per benchmark into OUT_DIR.
+# Every benchmark on one GPU in one prepared run (the GPU figures of BENCHMARKS.md), under 10
+# minutes (each benchmark capped at STEP_SECONDS). Writes <name>.json and <name>.log per
+# benchmark into OUT_DIR.
 #
 #   bash benchmarks/gpu_suite.sh OUT_DIR              # on the GPU machine, from the repo root
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_suite.sh /tmp/suite   # toy sizes: checks the script
