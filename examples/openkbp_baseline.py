@@ -237,7 +237,7 @@ def parse_args(argv=None):
                         "mse on the noise for ddpm)")
     p.add_argument("--loss_mask", default=None, metavar="EXTRA",
                    help="average the data term over this case extra only (default: possible_dose_mask, "
-                        "what the dose score measures, for baseline; none for ddpm); 'none': all voxels")
+                        "what the dose score measures); 'none': all voxels of a patch")
     p.add_argument("--val_every", type=int, default=5, help="validate every N epochs (and after the last)")
     p.add_argument("--max_minutes", type=float, default=None,
                    help="training time budget (stops before an epoch that would end past it)")
@@ -266,7 +266,7 @@ def parse_args(argv=None):
     args.exp_name = args.exp_name or f"openkbp_{args.model}_{args.resolution}"
     args.loss = args.loss or ("l1" if args.model == "baseline" else "mse")
     if args.loss_mask is None:
-        args.loss_mask = "possible_dose_mask" if args.model == "baseline" else None
+        args.loss_mask = "possible_dose_mask"
     elif args.loss_mask.lower() == "none":
         args.loss_mask = None
     work = args.work_dir.resolve()

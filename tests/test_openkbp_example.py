@@ -39,7 +39,7 @@ def test_example_trains_on_the_openkbp_split_and_scores(fake_openkbp, tmp_path, 
     record = json.loads((work / "runs" / f"openkbp_{model}_half" / "training_config.json").read_text())
     assert record["data"]["val_case_ids"] == ["pt_9"] and record["data"]["train_case_ids"] == ["pt_1", "pt_7"]
     assert record["hyperparameters"]["loss"] == ("l1" if model == "baseline" else "mse")
-    assert record["hyperparameters"]["loss_mask"] == ("possible_dose_mask" if model == "baseline" else None)
+    assert record["hyperparameters"]["loss_mask"] == "possible_dose_mask"
     saved = json.loads((work / f"results_{model}.json").read_text())
     assert saved["summary"] == results["summary"]
     for scores in results["summary"].values():
