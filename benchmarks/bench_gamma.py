@@ -87,22 +87,28 @@ def openkbp_dose(folder: Path):
         return dose.reshape(128, 128, 128), tuple(np.loadtxt(folder / "voxel_dimensions.csv"))
 
 
+def best_of(call, repeats: int, device=torch.device("cpu")):
+    """(the last result, best wall s, best CPU s) of ``repeats`` calls (GPU work waited for)."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        synchronize(device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = call()
+        synchronize(device)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return result, min(walls), min(cpus)
+
+
 def time_ours(reference, evaluated, spacing_mm, repeats: int, threads: int, device=torch.device("cpu")):
     """(gamma numpy array, best wall s, best CPU s); on a GPU the doses are tensors already there
     (the copy to the device is not timed) and the time includes a synchronisation."""
     torch.set_num_threads(threads)  # again: a pymedphys (numba) call may have reset it
     if device.type != "cpu":
         reference, evaluated = (torch.from_numpy(a).to(device) for a in (reference, evaluated))
-    gamma = gamma_index(reference, evaluated, spacing_mm, **CRITERIA)  # warm-up (builds the cached search plan)
-    walls, cpus = [], []
-    for _ in range(repeats):
-        synchronize(device)
-        wall, cpu = time.perf_counter(), time.process_time()
-        gamma = gamma_index(reference, evaluated, spacing_mm, **CRITERIA)
-        synchronize(device)
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return (gamma.cpu().numpy() if torch.is_tensor(gamma) else gamma), min(walls), min(cpus)
+    gamma_index(reference, evaluated, spacing_mm, **CRITERIA)  # warm-up (builds the cached search plan)
+    gamma, wall, cpu = best_of(lambda: gamma_index(reference, evaluated, spacing_mm, **CRITERIA), repeats, device)
+    return (gamma.cpu().numpy() if torch.is_tensor(gamma) else gamma), wall, cpu
 
 
 def poor_prediction(dose: np.ndarray) -> np.ndarray:
@@ -114,15 +120,10 @@ def run_pymedphys(reference, evaluated, spacing_mm, repeats: int = 1):
     """(gamma, best wall s, best CPU s) of ``repeats`` pymedphys.gamma calls."""
     import pymedphys
     axes = tuple(np.arange(n) * s for n, s in zip(reference.shape, spacing_mm))
-    walls, cpus = [], []
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        gamma = pymedphys.gamma(axes, reference, axes, evaluated, CRITERIA["dose_percent"], CRITERIA["distance_mm"],
-                                lower_percent_dose_cutoff=CRITERIA["cutoff_percent"],
-                                max_gamma=CRITERIA["max_gamma"], interp_fraction=CRITERIA["interp_fraction"])
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return gamma, min(walls), min(cpus)
+    return best_of(lambda: pymedphys.gamma(
+        axes, reference, axes, evaluated, CRITERIA["dose_percent"], CRITERIA["distance_mm"],
+        lower_percent_dose_cutoff=CRITERIA["cutoff_percent"], max_gamma=CRITERIA["max_gamma"],
+        interp_fraction=CRITERIA["interp_fraction"]), repeats)
 
 
 def warm_up_pymedphys():

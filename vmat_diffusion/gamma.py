@@ -242,12 +242,13 @@ def _voxels_to_evaluate(reference: torch.Tensor, settings: _Criteria, normalisat
     """(N,) sorted flat indices: reference >= cutoff (of the normalisation), in mask, optional random subset."""
     cutoff = settings.cutoff_percent / 100.0 * normalisation
     # numpy's comparison is ~10x faster than torch's on the CPU; both compare in float32
-    values = reference.numpy() if reference.device.type == "cpu" else reference
-    selected = values >= (np.float32(cutoff) if reference.device.type == "cpu" else cutoff)
+    on_cpu = reference.device.type == "cpu"
+    values = reference.numpy() if on_cpu else reference
+    selected = values >= (np.float32(cutoff) if on_cpu else cutoff)
     if settings.local:
         selected &= values > 0  # local gamma is undefined at zero reference dose (pymedphys: NaN)
     if mask is not None:
-        selected &= mask.numpy() if reference.device.type == "cpu" else mask
+        selected &= mask.numpy() if on_cpu else mask
     voxels = _flat_nonzero(torch.as_tensor(selected))
     if random_subset is not None and random_subset < voxels.numel():
         generator = torch.Generator().manual_seed(int(seed))
@@ -686,6 +687,7 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
         result.index_copy_(0, state.ids, state.best)  # the staying ones are written again later
         return state.select(staying)
 
+    # retire() stores every voxel's result by the last shell (still_improvable is then None)
     active = retire(active, still_improvable(active, 1))
     for s in range(1, len(kernels)):
         if active is None or active.ids.numel() == 0:
@@ -724,8 +726,6 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
             else:
                 active.best[hopeful] = torch.minimum(active.best[hopeful], shell_gamma_sq)
         active = retire(active, still_improvable(active, s + 1))
-    if active is not None:
-        result[active.ids] = active.best
     return result
 
 

@@ -12,7 +12,7 @@ Items and batches
 -----------------
 One dataset item is one case: its ``patches_per_volume`` patches, each augmented, stacked to
 ``ct`` (P, 1, p, p, p), ``masks_sdf`` (P, S, p, p, p), ``dose`` (P, 1, p, p, p) in Gy and
-``constraints`` (P, K), plus ``loss_mask`` (P, 1, p, p, p), 1 inside, when the dataset is given a
+``constraints`` (P, K), plus ``loss_mask`` (P, 1, p, p, p), the extra's values, when the dataset is given a
 loss-mask extra (``TrainConfig.loss_mask``). ``micro_batches`` cuts the stream of patches into batches of
 ``batch_size`` patches (the last one of an epoch may be smaller; a batch can hold patches of
 two cases when ``batch_size`` does not divide ``patches_per_volume``). Whole volumes are read
@@ -33,7 +33,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..case import Case, CaseFormatError, find_cases, load_case
 from ..patches import PatchSampler
 
-BATCH_KEYS = ("ct", "masks_sdf", "dose", "constraints")
 
 
 def derive_seed(*values: int) -> int:
@@ -279,7 +278,7 @@ class PatchDataset(Dataset):
             "constraints": constraints.expand(len(patches), -1).clone(),
         }
         if self.loss_mask is not None:
-            item["loss_mask"] = torch.stack([(p[self.loss_mask] > 0.5).to(torch.float32) for p in patches])
+            item["loss_mask"] = torch.stack([p[self.loss_mask] for p in patches])
         return item
 
 
@@ -302,7 +301,8 @@ def make_train_loader(dataset: PatchDataset, sampler: EpochSampler, num_workers:
 def micro_batches(items, batch_size: int) -> Iterator[Dict[str, torch.Tensor]]:
     """Cut a stream of stacked-patch items into batches of ``batch_size`` patches (last may be smaller).
 
-    Every item must have the same keys: BATCH_KEYS, and ``loss_mask`` when the dataset makes one."""
+    Every item must have the same keys (``PatchDataset``'s: ct, masks_sdf, dose, constraints and,
+    when it makes one, loss_mask)."""
     pending: Dict[str, List[torch.Tensor]] = {}
     count = 0
     for item in items:

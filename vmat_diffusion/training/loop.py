@@ -359,11 +359,10 @@ def validate(model: nn.Module, cases: Iterable[Case], objective: Objective, *, p
 
 
 def _loss_mask(case: Case, objective: Objective, device) -> Optional[torch.Tensor]:
-    """The case's ``objective.loss_mask`` extra as a (1, 1, X, Y, Z) float32 0/1 tensor, or None."""
+    """The case's ``objective.loss_mask`` extra as a (1, 1, X, Y, Z) tensor, or None."""
     if objective.loss_mask is None:
         return None
-    mask = np.asarray(case.extras[objective.loss_mask]) > 0.5
-    return torch.from_numpy(mask).to(device=device, dtype=torch.float32)[None, None]
+    return torch.as_tensor(np.asarray(case.extras[objective.loss_mask]), device=device)[None, None]
 
 
 def _diffusion_validation_loss(model, objective, condition, constraints, dose, case, patch_size, overlap,

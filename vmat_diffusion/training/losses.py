@@ -9,7 +9,7 @@ Baseline (``BaselineUNet3D``, the primary model) regresses dose / Rx::
 With a loss mask (``Objective.loss_mask``, e.g. OpenKBP's ``possible_dose_mask``) the data term
 (MSE or L1) is averaged over the voxels inside the mask only, as the dose score is: voxels that
 can receive no dose then take no share of the loss (on OpenKBP only 3-13 % of a patch is inside).
-The batch carries the mask as ``loss_mask`` (B, 1, X, Y, Z), 1 inside; the penalty stays over
+The batch carries the mask as ``loss_mask`` (B, 1, X, Y, Z), inside where > 0.5; the penalty stays over
 all voxels. A patch with no voxel inside contributes nothing.
 
 DDPM (``SimpleUNet3D``) predicts the noise added to x0 = ``dose_to_unit(dose, Rx)`` (in [-1, 1])::
@@ -58,13 +58,13 @@ LOSS_KINDS = ("mse", "l1")
 def data_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = "mse",
               mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(the data term of ``kind`` ("mse" or "l1"), the MSE) of two float32 tensors, averaged over
-    all voxels or, with ``mask`` (same shape, 1 inside / 0 outside), over the voxels inside."""
+    all voxels or, with ``mask`` (same shape; inside where > 0.5), over the voxels inside."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"loss: expected one of {', '.join(LOSS_KINDS)}, got {kind!r}")
     if mask is None:
         mse = F.mse_loss(prediction, target)
         return (mse if kind == "mse" else F.l1_loss(prediction, target)), mse
-    weight = mask.to(torch.float32)
+    weight = (mask > 0.5).to(torch.float32)
     inside = weight.sum().clamp_min(1.0)
     difference = prediction - target
     mse = (difference.square() * weight).sum() / inside
@@ -91,7 +91,7 @@ def baseline_inputs(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
 def regression_loss(prediction: torch.Tensor, target: torch.Tensor, penalty_weight: float = 0.1,
                     loss: str = "mse", mask: Optional[torch.Tensor] = None) -> LossParts:
     """Baseline loss from a prediction and target in dose / Rx units (B, 1, X, Y, Z); ``mask``:
-    optional (B, 1, X, Y, Z) loss mask (module doc)."""
+    optional (B, 1, X, Y, Z) loss mask, inside where > 0.5 (module doc)."""
     prediction = prediction.float()
     data, mse = data_loss(prediction, target.float(), loss, mask)
     penalty = negative_dose_penalty(prediction).mean()
