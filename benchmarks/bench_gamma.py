@@ -12,9 +12,11 @@ plus one of them against a poor "prediction" like a model's (the dose Gaussian-b
 and scaled by 1.06: about half the voxels fail, so the search cannot stop early), and with
 ``--big`` a 512x512x256 (1 mm) phantom for ours only.
 
-The table shows, per case: evaluated voxels, our time (best of ``--repeats`` after a warm-up
-call), pymedphys's time (best of ``--pymedphys-repeats`` calls, after a numba warm-up on a tiny
-dose; the same statistic for both, so a noisy machine does not favour either), the ratio, both pass
+The table shows, per case: evaluated voxels, our time per call (after a warm-up call, the best
+of ``--repeats`` samples, each the mean of as many calls as take ``--min-seconds``: a 10 ms call
+timed alone would see only the machine's fastest or slowest moments, a 1 s pymedphys call sees
+their mean), pymedphys's time (best of ``--pymedphys-repeats`` calls, after a numba warm-up on a
+tiny dose), the ratio, both pass
 rates (gamma <= 1, percent of evaluated voxels), their difference (percentage points) and the
 largest gamma difference. Wall-clock times; CPU times are in the JSON. pymedphys gets axes
 starting at 0 (its usual use), so a few voxels on the low faces of the grid may differ (see
@@ -87,27 +89,34 @@ def openkbp_dose(folder: Path):
         return dose.reshape(128, 128, 128), tuple(np.loadtxt(folder / "voxel_dimensions.csv"))
 
 
-def best_of(call, repeats: int, device=torch.device("cpu")):
-    """(the last result, best wall s, best CPU s) of ``repeats`` calls (GPU work waited for)."""
+def best_of(call, repeats: int, device=torch.device("cpu"), min_seconds: float = 0.0):
+    """(the last result, best wall s per call, best CPU s per call) over ``repeats`` samples; a
+    sample is as many back-to-back calls as take ``min_seconds`` (at least one), averaged, so a
+    short call is timed over as long a stretch of the machine's fluctuating speed as a long one
+    (GPU work waited for)."""
     walls, cpus = [], []
     for _ in range(repeats):
         synchronize(device)
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = call()
-        synchronize(device)
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
+        wall, cpu, calls = time.perf_counter(), time.process_time(), 0
+        while calls == 0 or time.perf_counter() - wall < min_seconds:
+            result = call()
+            synchronize(device)
+            calls += 1
+        walls.append((time.perf_counter() - wall) / calls)
+        cpus.append((time.process_time() - cpu) / calls)
     return result, min(walls), min(cpus)
 
 
-def time_ours(reference, evaluated, spacing_mm, repeats: int, threads: int, device=torch.device("cpu")):
-    """(gamma numpy array, best wall s, best CPU s); on a GPU the doses are tensors already there
-    (the copy to the device is not timed) and the time includes a synchronisation."""
+def time_ours(reference, evaluated, spacing_mm, repeats: int, threads: int, device=torch.device("cpu"),
+              min_seconds: float = 0.0):
+    """(gamma numpy array, best wall s, best CPU s) per call; on a GPU the doses are tensors
+    already there (the copy to the device is not timed) and the time includes a synchronisation."""
     torch.set_num_threads(threads)  # again: a pymedphys (numba) call may have reset it
     if device.type != "cpu":
         reference, evaluated = (torch.from_numpy(a).to(device) for a in (reference, evaluated))
     gamma_index(reference, evaluated, spacing_mm, **CRITERIA)  # warm-up (builds the cached search plan)
-    gamma, wall, cpu = best_of(lambda: gamma_index(reference, evaluated, spacing_mm, **CRITERIA), repeats, device)
+    gamma, wall, cpu = best_of(lambda: gamma_index(reference, evaluated, spacing_mm, **CRITERIA), repeats, device,
+                               min_seconds)
     return (gamma.cpu().numpy() if torch.is_tensor(gamma) else gamma), wall, cpu
 
 
@@ -133,7 +142,8 @@ def warm_up_pymedphys():
 
 
 def bench_case(name, reference, evaluated, spacing_mm, args, with_pymedphys: bool) -> dict:
-    ours, wall, cpu = time_ours(reference, evaluated, spacing_mm, args.repeats, args.threads, args.device)
+    ours, wall, cpu = time_ours(reference, evaluated, spacing_mm, args.repeats, args.threads, args.device,
+                                args.min_seconds)
     row = dict(case=name, shape=list(reference.shape), spacing_mm=[float(s) for s in spacing_mm],
                torch_threads=torch.get_num_threads(), op_overhead_ms=op_overhead_ms(),
                evaluated_voxels=int(np.count_nonzero(~np.isnan(ours))),
@@ -181,7 +191,11 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-pymedphys-above", type=int, default=None, metavar="N",
                         help="run pymedphys only on volumes of at most N voxels")
     parser.add_argument("--big", action="store_true", help="also time ours on a 512x512x256 1 mm phantom")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls of ours (best is reported)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed samples of ours (the best is reported), each --min-seconds long")
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="each sample of ours repeats the call for at least this long and reports the "
+                             "mean per call (about one pymedphys call on the smallest case); 0: one call")
     parser.add_argument("--pymedphys-repeats", type=int, default=2, help="timed pymedphys calls (best is reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch and numba threads")
     parser.add_argument("--device", default="cpu", help="where ours runs (cuda: tensors on the GPU); "
@@ -236,7 +250,7 @@ def main(argv=None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(
-            criteria=CRITERIA, threads=args.threads, repeats=args.repeats,
+            criteria=CRITERIA, threads=args.threads, repeats=args.repeats, min_seconds=args.min_seconds,
             pymedphys_repeats=args.pymedphys_repeats, op_overhead_ms=overhead,
             machine=machine_info(args.device), device=str(args.device), rows=rows,
         ), indent=2))
