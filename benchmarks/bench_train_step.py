@@ -23,6 +23,9 @@ block's self-attention (always built by MONAI) is replaced by an identity unless
 ``--monai-mid-attention``; default channels (b, 2b, 4b, 4b) for ``--base`` b, which gives about
 the parameter count of our ``SimpleUNet3D(base_channels=b)`` (printed).
 
+On the CPU the run keeps freed host memory for reuse, as ``vmat-train`` does there
+(``vmat_diffusion.training.host_memory``); ``--release-freed-memory`` leaves glibc's defaults.
+
 All-zero output layers (ours and MONAI's are zero-initialised) get small random weights first:
 otherwise every upstream gradient is exactly 0 on the first steps and tiny (denormal) after,
 which is not a training-time state and makes AdamW's arithmetic unrepresentatively slow.
@@ -49,6 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from vmat_diffusion.training.host_memory import keep_freed_memory  # noqa: E402
 from vmat_diffusion.unet import BaselineUNet3D, SimpleUNet3D  # noqa: E402
 
 CONSTRAINT_DIM = 13
@@ -243,6 +247,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--profile", action="store_true",
                         help="CPU: also profile one step per model (time in conv/matmul kernels vs the rest)")
+    parser.add_argument("--release-freed-memory", action="store_true",
+                        help="CPU: leave glibc's malloc at its defaults (freed activations go back to the OS "
+                             "and are faulted in again every step) instead of keeping them, as vmat-train does")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.monai_channels is None:
@@ -263,12 +270,15 @@ def main(argv=None) -> int:
     device, info = start_benchmark(args.device, args.threads)
     rows = []
     columns = COLUMNS + (PROFILE_COLUMNS if args.profile and device.type == "cpu" else [])
-    for patch in args.patch:
-        for batch in args.batch:
-            for precision in args.precision:
-                rows += bench_configuration(args, device, patch, batch, precision)
-                print_table(f"training step, patch {patch}, batch {batch}, {precision}", rows[-len(args.models):],
-                            columns)
+    keep = device.type == "cpu" and not args.release_freed_memory
+    with keep_freed_memory(keep) as info["freed_memory_kept"]:
+        print(f"freed host memory kept for reuse (as in vmat-train on the CPU): {info['freed_memory_kept']}")
+        for patch in args.patch:
+            for batch in args.batch:
+                for precision in args.precision:
+                    rows += bench_configuration(args, device, patch, batch, precision)
+                    print_table(f"training step, patch {patch}, batch {batch}, {precision}",
+                                rows[-len(args.models):], columns)
     info["load_average_1min_end"] = load_average()
     print(f"\nload average at the end: {info['load_average_1min_end']}")
     print_table("all configurations", rows, columns)

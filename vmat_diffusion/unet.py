@@ -137,7 +137,12 @@ def _split_halves(x: torch.Tensor, pad: int) -> torch.Tensor:
 def _join_halves(y: torch.Tensor) -> torch.Tensor:
     """(2, C, h, Y, Z) -> (1, C, 2h, Y, Z) (a view when y is channels-last)."""
     channels, half, size_y, size_z = y.shape[1:]
-    return y.transpose(0, 1).reshape(channels, 2 * half, size_y, size_z)[None]
+    joined = y.transpose(0, 1).reshape(channels, 2 * half, size_y, size_z)
+    # The batch axis gets the stride of a whole volume, as in a tensor made channels-last:
+    # ``joined[None]`` would give it stride C, and ops that infer the memory format from the
+    # strides (GroupNorm) would then return channels-first tensors, and every later layer would
+    # run in the slower layout (measured: the whole decoder did).
+    return joined.as_strided((1,) + tuple(joined.shape), (joined.numel(),) + joined.stride())
 
 
 def _merge_halves_grad(grad_halves: torch.Tensor, pad: int) -> torch.Tensor:

@@ -69,6 +69,7 @@ from .data import (CaseCatalog, CaseReader, CaseSplit, EpochSampler, PatchDatase
                    make_train_loader, micro_batches, micro_batches_per_epoch, scan_cases, select_cases, split_cases,
                    split_with_validation)
 from .ema import EMA, unwrap_model
+from .host_memory import keep_freed_memory
 from .losses import Objective, autocast_context, noise_loss, regression_loss
 from .run_logs import RunLog, count_parameters, environment_info, slice_panel, utc_now
 
@@ -630,7 +631,10 @@ class Trainer:
                 # x86 arithmetic on denormals is very slow (an AdamW step once measured 0.92 s
                 # instead of 21 ms in bench_train_step; BENCHMARKS.md).
                 torch.set_flush_denormal(True)
-            return self._fit()
+            # on the CPU, keep the activations' memory for the next step instead of faulting it
+            # in again page by page (host_memory: 10-35 % faster steps measured)
+            with keep_freed_memory(self.device.type == "cpu"):
+                return self._fit()
         finally:
             torch.set_flush_denormal(flushed_before)
             if getattr(self, "log", None) is not None:
