@@ -24,7 +24,7 @@ block's self-attention (always built by MONAI) is replaced by an identity unless
 the parameter count of our ``SimpleUNet3D(base_channels=b)`` (printed).
 
 On the CPU the run keeps freed host memory for reuse, as ``vmat-train`` does there
-(``vmat_diffusion.training.host_memory``); ``--release-freed-memory`` leaves glibc's defaults.
+(``vmat_diffusion.host_memory``); ``--release-freed-memory`` leaves glibc's defaults.
 
 All-zero output layers (ours and MONAI's are zero-initialised) get small random weights first:
 otherwise every upstream gradient is exactly 0 on the first steps and tiny (denormal) after,
@@ -52,7 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from vmat_diffusion.training.host_memory import keep_freed_memory  # noqa: E402
+from vmat_diffusion.host_memory import keep_freed_memory  # noqa: E402
 from vmat_diffusion.unet import BaselineUNet3D, SimpleUNet3D  # noqa: E402
 
 CONSTRAINT_DIM = 13

@@ -4,7 +4,7 @@ import resource
 import pytest
 import torch
 
-from vmat_diffusion.training.host_memory import _glibc, keep_freed_memory
+from vmat_diffusion.host_memory import _glibc, keep_freed_memory
 
 needs_glibc = pytest.mark.skipif(_glibc() is None, reason="glibc's mallopt is Linux/glibc only")
 
@@ -24,8 +24,9 @@ def test_freed_block_is_reused_without_page_faults_and_default_restored():
     assert faults_of_filling_a_fresh_block() > pages // 2  # glibc default: a fresh mmap every time
     with keep_freed_memory() as active:
         assert active
-        faults_of_filling_a_fresh_block()  # grows the heap once
-        assert faults_of_filling_a_fresh_block() < pages // 20  # then the freed block is reused
+        for _ in range(3):  # the heap settles (grows, or fills holes left by earlier trims)
+            faults_of_filling_a_fresh_block()
+        assert max(faults_of_filling_a_fresh_block() for _ in range(3)) < pages // 20  # then blocks are reused
     assert faults_of_filling_a_fresh_block() > pages // 2  # defaults back on leaving
 
 

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from ..case import Case, CaseFormatError, find_cases, load_case
 from ..dvh import dvh
 from ..fileio import atomic_write, atomic_write_json, atomic_write_text
+from ..host_memory import keep_freed_memory
 from ..inference import (PRECISIONS, InferenceInputError, check_model, check_structures, flat_metrics,
                          case_metrics, predict_case, resolve_device, save_prediction, summarize_metrics,
                          training_patch_size)
@@ -309,39 +310,42 @@ def run(args) -> int:
                 "device": str(device), "precision": args.precision, "mask_outside": not args.no_mask_outside,
                 "gamma_subsample": args.gamma_subsample}
     show_progress = not args.quiet and sys.stderr.isatty()
-    metric_cases: List[dict] = []
-    skipped: List[dict] = []
-    for path, case_id in tqdm(list(zip(paths, case_ids)), desc="cases", unit="case", disable=not show_progress):
-        case = load_case(path, require_dose=False)
-        out_path = outputs[case_id]
-        generator = torch.Generator().manual_seed(args.seed)
-        prediction = predict_case(model, info, case, patch_size=patch_size, overlap=overlap,
-                                  batch_size=args.batch_size, ddim_steps=args.ddim_steps, samples=args.samples,
-                                  device=device, generator=generator, precision=args.precision, mode=args.mode,
-                                  mask_outside=not args.no_mask_outside)
-        prediction.metadata.update(checkpoint=str(args.checkpoint), used_ema=info.get("used_ema"),
-                                   seed=args.seed, source_file=str(path))
-        save_prediction(out_path, prediction)
-        if not args.no_plots:
-            save_dvh_plot(out_path.parent / f"{case.case_id}_dvh.png", prediction.dose_gy, case)
-        line = f"{case.case_id}: wrote {out_path}"
-        if args.compute_metrics:
-            if case.dose is None:
-                note = "no reference dose in the case file; metrics skipped"
-                skipped.append({"case_id": case.case_id, "file": str(path), "reason": note})
-                line += f" ({note})"
-            else:
-                metrics = case_metrics(prediction.dose_gy, case, gamma_subsample=args.gamma_subsample,
-                                       gamma_device=device, std_gy=prediction.std_gy)
-                metrics["prediction_file"] = str(out_path)
-                metric_cases.append(metrics)
-                line += f" | {_metrics_line(metrics)}"
-            write_metrics(out_path.parent, settings, metric_cases, skipped)
-        if not args.quiet:
-            tqdm.write(line, file=sys.stdout)
-    if args.compute_metrics and not args.quiet and metric_cases:
-        mean = summarize_metrics([flat_metrics(c) for c in metric_cases])["mean"]
-        print(f"mean over {len(metric_cases)} case(s): {_metrics_line(mean)}")
+    # On the CPU, a 128^3 window's activations are faulted into memory anew at every model call
+    # unless freed memory is kept (measured: BaselineUNet3D forward 18.4 -> 12.4 s per window).
+    with keep_freed_memory(device.type == "cpu"):
+        metric_cases: List[dict] = []
+        skipped: List[dict] = []
+        for path, case_id in tqdm(list(zip(paths, case_ids)), desc="cases", unit="case", disable=not show_progress):
+            case = load_case(path, require_dose=False)
+            out_path = outputs[case_id]
+            generator = torch.Generator().manual_seed(args.seed)
+            prediction = predict_case(model, info, case, patch_size=patch_size, overlap=overlap,
+                                      batch_size=args.batch_size, ddim_steps=args.ddim_steps, samples=args.samples,
+                                      device=device, generator=generator, precision=args.precision, mode=args.mode,
+                                      mask_outside=not args.no_mask_outside)
+            prediction.metadata.update(checkpoint=str(args.checkpoint), used_ema=info.get("used_ema"),
+                                       seed=args.seed, source_file=str(path))
+            save_prediction(out_path, prediction)
+            if not args.no_plots:
+                save_dvh_plot(out_path.parent / f"{case.case_id}_dvh.png", prediction.dose_gy, case)
+            line = f"{case.case_id}: wrote {out_path}"
+            if args.compute_metrics:
+                if case.dose is None:
+                    note = "no reference dose in the case file; metrics skipped"
+                    skipped.append({"case_id": case.case_id, "file": str(path), "reason": note})
+                    line += f" ({note})"
+                else:
+                    metrics = case_metrics(prediction.dose_gy, case, gamma_subsample=args.gamma_subsample,
+                                           gamma_device=device, std_gy=prediction.std_gy)
+                    metrics["prediction_file"] = str(out_path)
+                    metric_cases.append(metrics)
+                    line += f" | {_metrics_line(metrics)}"
+                write_metrics(out_path.parent, settings, metric_cases, skipped)
+            if not args.quiet:
+                tqdm.write(line, file=sys.stdout)
+        if args.compute_metrics and not args.quiet and metric_cases:
+            mean = summarize_metrics([flat_metrics(c) for c in metric_cases])["mean"]
+            print(f"mean over {len(metric_cases)} case(s): {_metrics_line(mean)}")
     return 0
 
 

@@ -69,7 +69,7 @@ from .data import (CaseCatalog, CaseReader, CaseSplit, EpochSampler, PatchDatase
                    make_train_loader, micro_batches, micro_batches_per_epoch, scan_cases, select_cases, split_cases,
                    split_with_validation)
 from .ema import EMA, unwrap_model
-from .host_memory import keep_freed_memory
+from ..host_memory import keep_freed_memory
 from .losses import Objective, autocast_context, noise_loss, regression_loss
 from .run_logs import RunLog, count_parameters, environment_info, slice_panel, utc_now
 
