@@ -43,6 +43,19 @@ def _glibc() -> Optional[ctypes.CDLL]:
     return libc
 
 
+def set_freed_memory_kept(keep: bool) -> bool:
+    """Switch glibc's malloc to keeping freed memory (no mmap for large blocks, no trimming) or
+    back to its defaults. Returns whether glibc took the setting (False elsewhere). Memory kept so
+    far stays in the process until ``malloc_trim`` (``keep_freed_memory`` calls it on leaving)."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    if keep:
+        return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, NO_TRIMMING) == 1
+    return (libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX) == 1
+            and libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD) == 1)
+
+
 @contextmanager
 def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """Context: freed host memory is kept for reuse (glibc only). Yields whether it is active."""
@@ -50,10 +63,9 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     if libc is None:
         yield False
         return
-    active = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, NO_TRIMMING) == 1
+    active = set_freed_memory_kept(True)
     try:
         yield active
     finally:
-        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        set_freed_memory_kept(False)
         libc.malloc_trim(0)
