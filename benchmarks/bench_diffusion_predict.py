@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (load_average, print_table, start_benchmark,  # noqa: E402  (before torch)
-                    summarize_times, time_interleaved, write_json)
+                    settings_of, summarize_times, time_interleaved, write_json)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
               f"mean {batch_size_mean_diff:.3g}")
     print(f"load average at the end: {info['load_average_1min_end']}")
     write_json(args.json, {"benchmark": "diffusion_predict", "machine": info,
-                           "settings": {k: v for k, v in vars(args).items() if k != "json"},
+                           "settings": settings_of(args),
                            "windows": n_windows, "synchronous_batch_size_max_diff": batch_size_max_diff,
                            "synchronous_batch_size_mean_diff": batch_size_mean_diff, "rows": rows})
     return 0

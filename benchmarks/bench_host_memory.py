@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, start_benchmark, write_json  # noqa: E402  (before torch)
+from common import print_table, settings_of, start_benchmark, write_json  # noqa: E402  (before torch)
 
 import torch  # noqa: E402
 
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     rows = [bench_case(args, case, device) for case in args.cases]
     print_table("freed host memory kept vs glibc defaults (median per call)", rows, COLUMNS)
     write_json(args.json, {"benchmark": "host_memory", "machine": info,
-                           "settings": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows})
+                           "settings": settings_of(args), "rows": rows})
     return 0
 
 

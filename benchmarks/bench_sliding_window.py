@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (configure_threads, load_average, parse_device, start_benchmark,  # noqa: E402  (before torch)
                     peak_rss_bytes, print_table, run_json_subprocess, summarize_times, synchronize,
-                    time_interleaved, write_json)
+                    settings_of, time_interleaved, write_json)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
               f"{budget / 2 ** 20:.0f} MB; ours {'within' if peaks['ours'] <= budget else 'OVER'} budget")
     print(f"load average at the end: {info['load_average_1min_end']}")
     write_json(args.json, {"benchmark": "sliding_window", "machine": info,
-                           "settings": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
+                           "settings": settings_of(args, "worker"),
                            "grid": {"ours": ours_starts, "monai": monai_starts},
                            "agreement": agreement, "accumulator_bytes": accumulator_bytes,
                            "memory_budget_bytes": budget, "rows": rows})

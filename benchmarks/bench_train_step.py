@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (load_average, print_table, start_benchmark,  # noqa: E402  (before torch)
-                    summarize_times, time_interleaved, write_json)
+                    settings_of, summarize_times, time_interleaved, write_json)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     print(f"\nload average at the end: {info['load_average_1min_end']}")
     print_table("all configurations", rows, columns)
     write_json(args.json, {"benchmark": "train_step", "machine": info,
-                           "settings": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows})
+                           "settings": settings_of(args), "rows": rows})
     return 0
 
 

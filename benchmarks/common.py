@@ -177,6 +177,11 @@ def print_table(title: str, rows: List[dict], columns: Sequence[tuple]) -> None:
         print(format_row(line, widths))
 
 
+def settings_of(args, *leave_out: str) -> dict:
+    """The command-line settings of a run, for its JSON (without --json and ``leave_out``)."""
+    return {key: value for key, value in vars(args).items() if key not in ("json",) + leave_out}
+
+
 def write_json(path: Optional[str], payload: dict) -> None:
     """Write ``payload`` as indented JSON to ``path`` (nothing when path is None)."""
     if path:
