@@ -19,6 +19,11 @@ subprocess that builds the volume and runs the method (CPU), or the peak of
 batch of windows and the predictor's activations) plus our float32 accumulators
 (output sum and weight sum).
 
+On the CPU the timed rounds and the memory subprocesses keep freed host memory for reuse, as
+``vmat-infer`` does there (``vmat_diffusion.host_memory``): the accumulators and the
+predictor's activations are then not page-faulted in anew on every call;
+``--release-freed-memory`` leaves glibc's defaults.
+
 Predictors (``--model``): ``tiny`` (default; Conv3d(C, 8, 3) -> SiLU -> Conv3d(8, 1, 1) on
 channels-last input, cheap,
 so the windowing overhead is clearly visible) or ``unet`` (BaselineUNet3D(base 8, levels 3),
@@ -44,6 +49,7 @@ from common import (configure_threads, load_average, parse_device, start_benchma
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from vmat_diffusion.host_memory import keep_freed_memory  # noqa: E402
 from vmat_diffusion.sliding_window import sliding_window_inference, window_starts  # noqa: E402
 from vmat_diffusion.unet import BaselineUNet3D  # noqa: E402
 
@@ -122,14 +128,19 @@ def run_method(method: str, volume: torch.Tensor, predictor, args) -> torch.Tens
         return None
 
 
+def keeps_freed_memory(args, device: torch.device) -> bool:
+    return device.type == "cpu" and not args.release_freed_memory
+
+
 def worker(args) -> int:
     """Subprocess mode: peak memory growth of one method, printed as one JSON line."""
     device = parse_device(args.device)
     configure_threads(args.threads or None)
     predictor = make_predictor(args.model, args.channels, device)
     before = peak_rss_bytes()
-    volume = make_volume(args, device)
-    run_method(args.worker, volume, predictor, args)
+    with keep_freed_memory(keeps_freed_memory(args, device)):
+        volume = make_volume(args, device)
+        run_method(args.worker, volume, predictor, args)
     print(json.dumps({"method": args.worker, "peak_rss_growth_bytes": peak_rss_bytes() - before}))
     return 0
 
@@ -153,6 +164,8 @@ def measure_memory(args, device: torch.device) -> dict:
     common_args = ["--shape", *map(str, args.shape), "--patch", str(args.patch), "--overlap", str(args.overlap),
                    "--batch-size", str(args.batch_size), "--channels", str(args.channels), "--model", args.model,
                    "--threads", str(args.threads), "--device", args.device]
+    if args.release_freed_memory:
+        common_args.append("--release-freed-memory")
     for method in METHODS:
         peaks[method] = run_json_subprocess([script, "--worker", method, *common_args])["peak_rss_growth_bytes"]
     return peaks
@@ -170,6 +183,9 @@ def parse_args(argv=None):
     parser.add_argument("--model", choices=["tiny", "unet"], default="tiny")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (median reported)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--release-freed-memory", action="store_true",
+                        help="CPU: leave glibc's malloc at its defaults instead of keeping freed memory for "
+                             "reuse, as vmat-infer does on the CPU")
     parser.add_argument("--worker", choices=METHODS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -206,7 +222,9 @@ def main(argv=None) -> int:
           f"(output max |value| {agreement['output_abs_max']:.3g})")
 
     calls = {method: (lambda m=method: run_method(m, volume, predictor, args)) for method in METHODS}
-    times = time_interleaved(calls, device, repeats=args.repeats, warmup=0)
+    with keep_freed_memory(keeps_freed_memory(args, device)) as info["freed_memory_kept"]:
+        print(f"freed host memory kept for reuse (as in vmat-infer on the CPU): {info['freed_memory_kept']}")
+        times = time_interleaved(calls, device, repeats=args.repeats, warmup=1)
     stats = {method: summarize_times(times[method]) for method in METHODS}
     peaks = {} if args.no_memory else measure_memory(args, device)
     voxels = int(torch.tensor(args.shape).prod())
