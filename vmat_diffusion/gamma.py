@@ -632,8 +632,8 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
     distance_term = [(r / dta) ** 2 for r in radius]  # as pymedphys: (distance / DTA) ** 2
     max_gamma_sq = settings.max_gamma ** 2
     # for each shell s >= 1: the first shell from s on outside shell s-1's box, or None
-    first_in_next_box = [None] + [next((t for t in range(s, len(kernels)) if kernels[t].box != kernels[s - 1].box), None)
-                                  for s in range(1, len(kernels))]
+    first_in_next_box = [None] + [next((t for t in range(s, len(kernels)) if kernels[t].box != kernels[s - 1].box),
+                                       None) for s in range(1, len(kernels))]
 
     dose0 = torch.abs(grid.flat.index_select(0, grid.voxel_index) - reference).double() / tolerance  # radius 0
     result = dose0.square()

@@ -1,10 +1,11 @@
-"""Keep memory that PyTorch frees inside the process while a CPU training loop runs.
+"""Keep memory that PyTorch frees inside the process while CPU training or inference runs.
 
 glibc's malloc serves every allocation above 32 MB (one 64^3 x 48-channel activation is 50 MB)
 with a fresh ``mmap`` and unmaps it when it is freed, so each training step faults all of its
 large activations into memory again, page by page. On the benchmark machine a BaselineUNet3D
-step (base 48, patch 64, 2 threads) took 0.57 M page faults and 1.0-1.2 s of system time; with
-``keep_freed_memory`` 0.11 M and 0.2-0.3 s, and the step was 5-12 % faster (BENCHMARKS.md, section 1).
+step (base 48, patch 64, 2 threads) took 0.64 M page faults and 1.3 s of system time; with
+``keep_freed_memory`` about a thousand and 0.04 s, and the step took 0.79 of the time (patch 96:
+0.72; a 128^3 inference window: 0.62; ``benchmarks/bench_host_memory.py``, BENCHMARKS.md).
 
 Inside the context, malloc takes large blocks from its heap instead of ``mmap`` and does not
 give freed heap memory back to the OS, so the next step reuses it. On leaving, glibc's

@@ -311,7 +311,7 @@ def run(args) -> int:
                 "gamma_subsample": args.gamma_subsample}
     show_progress = not args.quiet and sys.stderr.isatty()
     # On the CPU, a 128^3 window's activations are faulted into memory anew at every model call
-    # unless freed memory is kept (measured: BaselineUNet3D forward 18.4 -> 12.4 s per window).
+    # unless freed memory is kept (measured: BaselineUNet3D forward 18.1 -> 11.3 s per window).
     with keep_freed_memory(device.type == "cpu"):
         metric_cases: List[dict] = []
         skipped: List[dict] = []
