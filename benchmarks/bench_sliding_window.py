@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (configure_threads, load_average, parse_device, start_benchmark,  # noqa: E402  (before torch)
+from common import (configure_threads, keeps_freed_memory, load_average, parse_device, start_benchmark,  # noqa: E402  (before torch)
                     peak_rss_bytes, print_table, run_json_subprocess, summarize_times, synchronize,
                     settings_of, time_interleaved, write_json)
 
@@ -126,10 +126,6 @@ def run_method(method: str, volume: torch.Tensor, predictor, args) -> torch.Tens
             views = [volume[0, :, x:x + p, y:y + p, z:z + p] for x, y, z in corners[i:i + args.batch_size]]
             predictor(views[0][None] if len(views) == 1 else torch.stack(views))
         return None
-
-
-def keeps_freed_memory(args, device: torch.device) -> bool:
-    return device.type == "cpu" and not args.release_freed_memory
 
 
 def worker(args) -> int:

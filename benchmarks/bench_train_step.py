@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (load_average, print_table, start_benchmark,  # noqa: E402  (before torch)
+from common import (keeps_freed_memory, load_average, print_table, start_benchmark,  # noqa: E402  (before torch)
                     settings_of, summarize_times, time_interleaved, write_json)
 
 import torch  # noqa: E402
@@ -270,8 +270,7 @@ def main(argv=None) -> int:
     device, info = start_benchmark(args.device, args.threads)
     rows = []
     columns = COLUMNS + (PROFILE_COLUMNS if args.profile and device.type == "cpu" else [])
-    keep = device.type == "cpu" and not args.release_freed_memory
-    with keep_freed_memory(keep) as info["freed_memory_kept"]:
+    with keep_freed_memory(keeps_freed_memory(args, device)) as info["freed_memory_kept"]:
         print(f"freed host memory kept for reuse (as in vmat-train on the CPU): {info['freed_memory_kept']}")
         for patch in args.patch:
             for batch in args.batch:

@@ -177,6 +177,12 @@ def print_table(title: str, rows: List[dict], columns: Sequence[tuple]) -> None:
         print(format_row(line, widths))
 
 
+def keeps_freed_memory(args, device: torch.device) -> bool:
+    """Whether a run keeps freed host memory (``vmat_diffusion.keep_freed_memory``), as vmat-train
+    and vmat-infer do on the CPU: on the CPU unless ``--release-freed-memory`` was given."""
+    return device.type == "cpu" and not args.release_freed_memory
+
+
 def settings_of(args, *leave_out: str) -> dict:
     """The command-line settings of a run, for its JSON (without --json and ``leave_out``)."""
     return {key: value for key, value in vars(args).items() if key not in ("json",) + leave_out}

@@ -38,7 +38,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     sliding --device "$device" --shape 40 40 24 --patch 16 --overlap 4 --repeats 1 --no-memory
     run diffusion_predict bench_diffusion_predict.py --device "$device" --shape 24 24 16 --patch 16 --overlap 4 \
         --steps 2 --base 8 --levels 2 --batch-sizes 1 --repeats 1
-    run gamma bench_gamma.py --device "$device" --sizes 64x64x64 --no-openkbp --repeats 1 \
+    run gamma bench_gamma.py --device "$device" --sizes 64x64x64 --no-openkbp --repeats 1 --min-seconds 0 \
         --pymedphys-repeats 1 --threads 1
 else
     # shellcheck disable=SC2086  # the model list is meant to split into words
@@ -46,6 +46,6 @@ else
         --precision fp32 bf16 --base 48 --repeats 5
     sliding --device "$device" --model unet
     run diffusion_predict bench_diffusion_predict.py --device "$device"
-    run gamma bench_gamma.py --device "$device" --no-openkbp --big --repeats 5 --pymedphys-repeats 1 --threads 1
+    run gamma bench_gamma.py --device "$device" --no-openkbp --big --pymedphys-repeats 1 --threads 1
 fi
 exit $status

@@ -565,6 +565,11 @@ def _min_dose_difference(flat: torch.Tensor, voxel_index: torch.Tensor, referenc
     return result
 
 
+def _tolerance_of(tolerance, ids: torch.Tensor):
+    """The dose tolerance (Gy) of the voxels ``ids``: per voxel (local gamma, a tensor) or one number."""
+    return tolerance.index_select(0, ids) if torch.is_tensor(tolerance) else tolerance
+
+
 def _select_last(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``values[..., index]``. index_select along the last dimension of a 2-D view: on the CPU
     several times faster than along the last dimension of a 4-D tensor, and ~0.6x numpy's take."""
@@ -704,7 +709,7 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
             active.cube = _cube_differences(grid, grid.voxel_index.index_select(0, active.ids),
                                             reference.index_select(0, active.ids), UNIT_CUBE)
         if active.gap_sq is None and kernel.n_points >= kernel.box_voxels:
-            tol = tolerance.index_select(0, active.ids) if torch.is_tensor(tolerance) else tolerance
+            tol = _tolerance_of(tolerance, active.ids)
             if kernel.box == UNIT_CUBE and active.cube is not None:
                 found = _cube_bounds(active.cube, tol, settings.spacing_mm)
             else:
@@ -725,7 +730,7 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
             else:
                 dose_diff = _min_dose_difference(grid.flat, grid.voxel_index.index_select(0, ids),
                                                  reference.index_select(0, ids), kernel, chunk_size)
-            tol = tolerance.index_select(0, ids) if torch.is_tensor(tolerance) else tolerance
+            tol = _tolerance_of(tolerance, ids)
             shell_gamma_sq = (dose_diff.double() / tol).square_().add_(distance_term[s])
             if hopeful is None:
                 torch.minimum(active.best, shell_gamma_sq, out=active.best)

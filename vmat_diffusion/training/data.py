@@ -34,7 +34,6 @@ from ..case import Case, CaseFormatError, find_cases, load_case
 from ..patches import PatchSampler
 
 
-
 def derive_seed(*values: int) -> int:
     """A 63-bit seed that depends on every value (numpy SeedSequence hashing)."""
     state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint32)
