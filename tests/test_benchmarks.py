@@ -68,6 +68,8 @@ def test_sliding_window_benchmark_grids_and_agreement(tmp_path, capsys):
     assert result["grid"]["ours"] == result["grid"]["monai"] == [[0, 12, 24]] * 3
     assert [row["windows"] for row in result["rows"]] == [27, 27, 27]
     assert result["agreement"]["mean_abs_diff"] < 0.05 * result["agreement"]["output_abs_max"]
+    own = {row["method"]: row["own_cost_s"] for row in result["rows"]}
+    assert own["ours"] > 0 and own["monai"] > 0 and own["bare"] == 0
     capsys.readouterr()
     assert bench.main(["--worker", "ours", "--shape", "40", "40", "40", "--patch", "16", "--overlap", "4",
                        "--threads", "1"]) == 0

@@ -11,6 +11,12 @@ requested one, so every voxel is covered. Each window's output is weighted by a 
 Gaussian (``gaussian_importance_map``; voxels near a window's edge, where the network saw the
 least context, count least) and the weighted sum is divided by the summed weights.
 
+The Gaussian is separable (a product of one 1-D profile per axis, each clamped at the floor)
+and the windows form a Cartesian grid, so the summed weights are a product of three 1-D sums.
+Each window's weights are therefore normalised before accumulation (per axis, in float64) and
+the blended output is accumulated directly: no weight-sum volume, no division pass, and the
+only full-volume buffer is the float32 output.
+
 Volumes smaller than a window along an axis are padded per window with **replicate** padding
 (the volume is centred in the window; the padded part of the output is cropped away).
 Replicate, not constant 0, because a constant would be a real value for some channels (0 is
@@ -69,12 +75,19 @@ def gaussian_importance_map(patch_size: Size3, sigma_scale: float = 0.125, floor
                             device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
     """Blending weights of one window: float32 tensor of shape ``patch_size`` (px, py, pz).
 
-    A centred Gaussian with sigma = ``sigma_scale`` x patch length along each axis, normalised to
-    a maximum of 1 and clamped from below at ``floor`` (relative to the maximum), so voxels at a
-    window's corner still get a small positive weight and a voxel covered by a single window's
-    edge is never divided by ~0.
+    The product of one centred Gaussian profile per axis (sigma = ``sigma_scale`` x patch length
+    along that axis), each normalised to a maximum of 1 and clamped from below at ``floor``, so
+    the map peaks at 1 and is at least ``floor ** 3`` at the corners: a voxel covered only by
+    windows' edges is never divided by ~0, whatever ``sigma_scale``.
     """
-    patch = _as_triple(patch_size, "patch_size")
+    profiles = _gaussian_profiles(_as_triple(patch_size, "patch_size"), sigma_scale, floor, device)
+    px, py, pz = (profile.to(torch.float32) for profile in profiles)
+    return px[:, None, None] * py[None, :, None] * pz[None, None, :]
+
+
+def _gaussian_profiles(patch: Tuple[int, int, int], sigma_scale: float, floor: float,
+                       device: Optional[Union[str, torch.device]]) -> List[torch.Tensor]:
+    """The three float64 1-D factors of ``gaussian_importance_map``: peak 1, clamped at ``floor``."""
     if not sigma_scale > 0:
         raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}")
     if not 0 < floor <= 1:
@@ -82,13 +95,9 @@ def gaussian_importance_map(patch_size: Size3, sigma_scale: float = 0.125, floor
     profiles = []
     for length in patch:
         position = torch.arange(length, dtype=torch.float64, device=device) - (length - 1) / 2.0
-        sigma = sigma_scale * length
-        profile = torch.exp(-0.5 * (position / sigma) ** 2)
-        # Each profile peaks at 1, so their product does; the 3-D map is built in float32
-        # directly (float64 temporaries of a 128^3 map would add ~40 MB to the peak memory).
-        profiles.append((profile / profile.max()).to(torch.float32))
-    weights = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
-    return weights.clamp_(min=floor)
+        profile = torch.exp(-0.5 * (position / (sigma_scale * length)) ** 2)
+        profiles.append((profile / profile.max()).clamp_(min=floor))
+    return profiles
 
 
 @torch.no_grad()
@@ -112,12 +121,13 @@ def sliding_window_inference(volume: torch.Tensor, predictor: Callable[..., torc
         batch_size: windows per predictor call; windows of different volumes share calls.
         sigma_scale: Gaussian sigma of the blending weights as a fraction of the patch length.
         progress: show a tqdm bar over predictor calls.
-        accumulate_device: where the float32 accumulators live (default: the volume's device;
+        accumulate_device: where the float32 accumulator lives (default: the volume's device;
             "cpu" saves GPU memory for large volumes).
         volume_args: tensors with first dimension B (e.g. constraints (B, K)); for each batch
             of windows the predictor is called as ``predictor(windows, *(a[idx] for a in
             volume_args))`` where ``idx`` (N,) are the windows' volume indices.
-        floor: smallest blending weight relative to the window centre's.
+        floor: smallest value of each axis's Gaussian profile relative to its peak (the 3-D
+            weights are at least floor ** 3 of the centre's).
 
     Returns:
         (B, C_out, X, Y, Z) float32 on the volume's device.
@@ -139,13 +149,8 @@ def sliding_window_inference(volume: torch.Tensor, predictor: Callable[..., torc
 
     spatial = tuple(volume.shape[2:])
     acc_device = torch.device(accumulate_device) if accumulate_device is not None else volume.device
-    weights = gaussian_importance_map(patch, sigma_scale, floor, device=acc_device)
-    windows = _window_grid(spatial, patch, overlaps)
-    tasks = [(b, window) for window in windows for b in range(n_volumes)]
-
-    weight_sum = torch.zeros(spatial, dtype=torch.float32, device=acc_device)
-    for window in windows:
-        weight_sum[window.target] += weights[window.crop]
+    grid = _WindowGrid(spatial, patch, overlaps, sigma_scale, floor, acc_device)
+    tasks = [(b, window) for window in grid.windows for b in range(n_volumes)]
 
     output_sum = None
     batches = [tasks[i:i + batch_size] for i in range(0, len(tasks), batch_size)]
@@ -166,9 +171,8 @@ def sliding_window_inference(volume: torch.Tensor, predictor: Callable[..., torc
         outputs = outputs.to(device=acc_device, dtype=torch.float32)
         for (b, window), output in zip(batch, outputs):
             output_sum[(b, slice(None)) + window.target].addcmul_(output[(slice(None),) + window.crop],
-                                                                  weights[window.crop])
+                                                                  grid.weights(window))
         del inputs, outputs, output  # not held while the next batch is predicted
-    output_sum /= weight_sum
     return output_sum.to(volume.device)
 
 
@@ -226,8 +230,11 @@ def _predict_per_window(model, condition, constraints, sampler, generator, progr
     def sample_windows(condition_windows, constraint_rows):
         return sampler.sample(model, condition_windows, constraint_rows, generator=generator)
 
-    return sliding_window_inference(condition, sample_windows, progress=progress,
-                                    volume_args=(constraints,), **window_options)
+    x0 = sliding_window_inference(condition, sample_windows, progress=progress,
+                                  volume_args=(constraints,), **window_options)
+    if sampler.clip_x0 is not None:  # a blend of clipped windows, up to float32 rounding of the weights
+        x0.clamp_(*sampler.clip_x0)
+    return x0
 
 
 def _predict_synchronous(model, condition, constraints, sampler, generator, progress, window_options):
@@ -257,19 +264,11 @@ def _predict_synchronous(model, condition, constraints, sampler, generator, prog
 class _Window:
     """One window: where it reads the volume, how it is padded, where its output goes."""
 
-    def __init__(self, starts: Tuple[int, int, int], spatial: Tuple[int, int, int],
-                 patch: Tuple[int, int, int]):
-        source, crop, pads = [], [], []
-        for start, size, p in zip(starts, spatial, patch):
-            before = _centred_padding(size, p)[0]
-            lo, hi = max(0, start - before), min(size, start - before + p)
-            pad_lo = lo - (start - before)
-            source.append(slice(lo, hi))
-            crop.append(slice(pad_lo, pad_lo + hi - lo))
-            pads.append((pad_lo, p - pad_lo - (hi - lo)))
-        self.target = tuple(source)  # voxels of the volume this window reads and writes
-        self.crop = tuple(crop)  # the part of the window's output that lies inside the volume
-        self.padding = pads
+    def __init__(self, index: Tuple[int, int, int], placements):
+        self.index = index  # position along each axis of the grid
+        self.target = tuple(target for target, _, _ in placements)  # voxels it reads and writes
+        self.crop = tuple(crop for _, crop, _ in placements)  # its output's part inside the volume
+        self.padding = [pads for _, _, pads in placements]
 
     def extract(self, volume: torch.Tensor) -> torch.Tensor:
         """(C, X, Y, Z) volume -> (C, px, py, pz) window (a copy, replicate-padded if needed)."""
@@ -279,9 +278,54 @@ class _Window:
         return window
 
 
-def _window_grid(spatial, patch, overlaps) -> List[_Window]:
-    starts = [window_starts(s, p, o) for s, p, o in zip(spatial, patch, overlaps)]
-    return [_Window((x, y, z), spatial, patch) for x in starts[0] for y in starts[1] for z in starts[2]]
+class _WindowGrid:
+    """The windows over a volume and their normalised blending weights.
+
+    Along each axis, window i's 1-D Gaussian profile is divided (float64) by the sum of the
+    profiles of all windows at that voxel, so a window's 3-D weights (the product of its three
+    normalised profiles) sum to 1 over the windows covering any voxel.
+    """
+
+    def __init__(self, spatial, patch, overlaps, sigma_scale: float, floor: float, device: torch.device):
+        placements = [_axis_placements(*axis) for axis in zip(spatial, patch, overlaps)]
+        profiles = _gaussian_profiles(patch, sigma_scale, floor, device)
+        self.normalised = []
+        for size, axis_placements, profile in zip(spatial, placements, profiles):
+            total = torch.zeros(size, dtype=torch.float64, device=device)
+            for target, crop, _ in axis_placements:
+                total[target] += profile[crop]
+            self.normalised.append([profile[crop] / total[target] for target, crop, _ in axis_placements])
+        self.windows = [_Window((i, j, k), (px, py, pz))
+                        for i, px in enumerate(placements[0])
+                        for j, py in enumerate(placements[1])
+                        for k, pz in enumerate(placements[2])]
+        self._buffer = torch.empty([len(n[0]) for n in self.normalised], dtype=torch.float32, device=device)
+        self._x_profiles = [profile.to(torch.float32) for profile in self.normalised[0]]
+        self._yz_index, self._yz = None, None
+        self._filled = None
+
+    def weights(self, window: _Window) -> torch.Tensor:
+        """The window's float32 weights over its target voxels (a buffer reused by the next call)."""
+        if window.index != self._filled:
+            i, j, k = window.index
+            if (j, k) != self._yz_index:  # the y-z product in float64, rounded once
+                self._yz_index = (j, k)
+                self._yz = (self.normalised[1][j][:, None] * self.normalised[2][k][None, :]).to(torch.float32)
+            torch.mul(self._x_profiles[i][:, None, None], self._yz, out=self._buffer)
+            self._filled = window.index
+        return self._buffer
+
+
+def _axis_placements(size: int, patch: int, overlap: int) -> List[Tuple[slice, slice, Tuple[int, int]]]:
+    """Per window along one axis: (its voxels in the volume, the matching part of the window,
+    the (before, after) padding that makes it a whole window)."""
+    before = _centred_padding(size, patch)[0]
+    placements = []
+    for start in window_starts(size, patch, overlap):
+        lo, hi = max(0, start - before), min(size, start - before + patch)
+        pad_lo = lo - (start - before)
+        placements.append((slice(lo, hi), slice(pad_lo, pad_lo + hi - lo), (pad_lo, patch - pad_lo - (hi - lo))))
+    return placements
 
 
 def _centred_padding(size: int, patch: int) -> Tuple[int, int]:
