@@ -340,3 +340,14 @@ def test_real_openkbp_doses_agree_with_pymedphys(openkbp_dir, patient):
         assert 50.0 < pass_rate(theirs[chosen]) < 100.0, name
         assert abs(pass_rate(ours[chosen]) - pass_rate(theirs[chosen])) <= (1.0 if local else 0.1), name
         np.testing.assert_allclose(ours[chosen], theirs[chosen], atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_map_values_round_up_so_the_pass_test_is_the_float64_one():
+    from vmat_diffusion.gamma import _round_up_to_float32
+    values = torch.tensor([0.0, 1e-300, 0.5, 1.0 - 1e-12, 1.0, 1.0 + 1e-12, 1.1], dtype=torch.float64)
+    rounded = _round_up_to_float32(values)
+    assert rounded.dtype == torch.float32
+    assert (rounded.double() >= values).all()
+    assert ((rounded <= 1.0) == (values <= 1.0)).all()  # 1 + 1e-12 fails although float32(1 + 1e-12) == 1
+    assert rounded[0] == 0.0 and rounded[2] == 0.5 and rounded[4] == 1.0  # exact values stay
+    assert rounded[5] == torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
