@@ -1,10 +1,10 @@
-"""The CPU fast paths of vmat_diffusion.unet.conv3d give the same results as nn.Conv3d."""
+"""The CPU fast paths of vmat_diffusion.unet (conv3d, upsample2x) give the same results as PyTorch's ops."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vmat_diffusion import BaselineUNet3D, SimpleUNet3D
-from vmat_diffusion.unet import _HalvesConv3d, _use_halves, conv3d
+from vmat_diffusion.unet import _HalvesConv3d, _use_halves, conv3d, upsample2x
 
 
 @pytest.mark.parametrize("in_channels, out_channels, size, kernel", [(16, 32, 16, 3), (4, 4, 6, 3), (8, 8, 2, 3),
@@ -76,3 +76,36 @@ def test_every_block_stays_channels_last_on_cpu(model):
     else:
         model(x, None)
     assert len(outputs) == 2 * 3 and all(outputs), outputs
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5, 6), (1, 2, 1, 3, 2)])
+def test_upsample2x_gradcheck(shape):
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(upsample2x, (x,))
+
+
+def test_upsample2x_matches_trilinear_interpolation_on_a_channel_slice_of_channels_last_grads():
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 5, 8, 7).contiguous(memory_format=torch.channels_last_3d)
+    # the decoder's upsampled tensor is concatenated with a skip: its gradient arrives as a
+    # channel slice of a channels-last tensor
+    grad = torch.randn(1, 10, 10, 16, 14).contiguous(memory_format=torch.channels_last_3d)[:, 2:8]
+    ours_x, plain_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = upsample2x(ours_x)
+    plain = F.interpolate(plain_x, scale_factor=2, mode="trilinear", align_corners=False)
+    assert torch.equal(ours, plain)
+    ours.backward(grad)
+    plain.backward(grad)
+    torch.testing.assert_close(ours_x.grad, plain_x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_upsample2x_bf16_gradient_is_summed_in_float32():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 4, 4, 4).to(torch.bfloat16)
+    grad = torch.randn(1, 4, 8, 8, 8).to(torch.bfloat16)
+    ours_x, reference_x = x.clone().requires_grad_(), x.double().requires_grad_()
+    upsample2x(ours_x).backward(grad)
+    F.interpolate(reference_x, scale_factor=2, mode="trilinear", align_corners=False).backward(grad.double())
+    assert ours_x.grad.dtype == torch.bfloat16
+    # one bf16 rounding of the float32 sum: within half a bf16 ulp (2**-8 relative) of the exact gradient
+    torch.testing.assert_close(ours_x.grad.double(), reference_x.grad, rtol=2 ** -8, atol=1e-6)

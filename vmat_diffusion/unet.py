@@ -160,6 +160,53 @@ def _merge_halves_grad(grad_halves: torch.Tensor, pad: int) -> torch.Tensor:
     return grad
 
 
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """Trilinear x2 upsampling of (B, C, X, Y, Z) (``align_corners=False``): (B, C, 2X, 2Y, 2Z).
+
+    The forward pass is ``F.interpolate``. On the CPU the backward pass is ours: PyTorch's
+    trilinear backward took 8 % of a base-16 training step (about 7x its forward pass), and
+    its adjoint is separable, three cheap passes of strided adds (``_Upsample2xCPU``).
+    """
+    if x.device.type == "cpu":
+        return _Upsample2xCPU.apply(x)
+    return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+
+
+class _Upsample2xCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        dtype = grad.dtype
+        if dtype in (torch.bfloat16, torch.float16):  # sum in float32, as PyTorch's kernel does
+            grad = grad.float()
+        for axis in (2, 3, 4):
+            grad = _linear_upsample_adjoint(grad, axis)
+        return grad.to(dtype)
+
+
+def _linear_upsample_adjoint(grad: torch.Tensor, axis: int) -> torch.Tensor:
+    """Adjoint of linear x2 upsampling along ``axis`` (size 2n -> n).
+
+    Upsampling makes output 2i = 0.75 x[i] + 0.25 x[i-1] and 2i+1 = 0.75 x[i] + 0.25 x[i+1],
+    with x[-1] = x[0] and x[n] = x[n-1] (``align_corners=False`` clamps at the border), so
+    dx[j] = 0.75 (even[j] + odd[j]) + 0.25 (even[j+1] + odd[j-1]), and the border terms that
+    point outside go to x[0] and x[n-1].
+    """
+    pairs = grad.unflatten(axis, (-1, 2))
+    even, odd = pairs.select(axis + 1, 0), pairs.select(axis + 1, 1)
+    n = even.shape[axis]
+    result = torch.add(even, odd).mul_(0.75)
+    result.narrow(axis, 0, n - 1).add_(even.narrow(axis, 1, n - 1), alpha=0.25)
+    result.narrow(axis, 1, n - 1).add_(odd.narrow(axis, 0, n - 1), alpha=0.25)
+    result.narrow(axis, 0, 1).add_(even.narrow(axis, 0, 1), alpha=0.25)
+    result.narrow(axis, n - 1, 1).add_(odd.narrow(axis, n - 1, 1), alpha=0.25)
+    return result
+
+
 class ConvBlock(nn.Module):
     """Residual double 3x3x3 conv with GroupNorm, SiLU and FiLM: (B, in, ...) -> (B, out, ...)."""
 
@@ -274,7 +321,7 @@ class UNet3DBackbone(nn.Module):
             skips.append(h)
         h = self._block(self.bottleneck, h, cond)
         for block, skip in zip(self.decoder, reversed(skips[:-1])):
-            h = F.interpolate(h, scale_factor=2, mode="trilinear", align_corners=False)
+            h = upsample2x(h)
             h = self._block(block, torch.cat([h, skip.to(h.dtype)], dim=1), cond)
         return conv3d(self.output, h).contiguous()
 
