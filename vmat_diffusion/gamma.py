@@ -647,8 +647,8 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
     radius r in a box gives at least  max(gap, dose0 - slope * r)**2 + (r / distance_mm)**2
     (``_Bounds``; dose0 is the dose term at the voxel itself), or (r / distance_mm)**2 before the
     box's bounds are known. They are computed, for the voxels still searched, at one shell of
-    the box (``_bounds_shells``). Searching a voxel on a shell that cannot improve it is wasted work but never changes
-    its minimum, so when most voxels are searched all are.
+    the box (``_bounds_shells``). Searching a voxel on a shell that cannot improve it is wasted
+    work but never changes its minimum, so when most voxels are searched all are.
     """
     dta = settings.distance_mm
     radius = [k.distance_mm for k in kernels]
