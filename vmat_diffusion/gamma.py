@@ -631,10 +631,10 @@ def _bounds_shells(kernels: Sequence[_ShellKernel]) -> set:
     for box in dict.fromkeys(k.box for k in kernels[1:]):
         in_box = [s for s in range(1, len(kernels)) if kernels[s].box == box]
         box_voxels = kernels[in_box[0]].box_voxels
-        wanted = min(BOUNDS_POINTS_PER_VOXEL * box_voxels, max(kernels[s].n_points for s in in_box))
-        first = next((s for s in in_box if kernels[s].n_points >= max(wanted, box_voxels)), None)
-        if first is not None:
-            shells.add(first)
+        largest = max(kernels[s].n_points for s in in_box)
+        if largest >= box_voxels:
+            wanted = min(BOUNDS_POINTS_PER_VOXEL * box_voxels, largest)
+            shells.add(next(s for s in in_box if kernels[s].n_points >= wanted))
     return shells
 
 
