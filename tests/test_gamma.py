@@ -351,3 +351,20 @@ def test_map_values_round_up_so_the_pass_test_is_the_float64_one():
     assert ((rounded <= 1.0) == (values <= 1.0)).all()  # 1 + 1e-12 fails although float32(1 + 1e-12) == 1
     assert rounded[0] == 0.0 and rounded[2] == 0.5 and rounded[4] == 1.0  # exact values stay
     assert rounded[5] == torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("columns", [100, 5000])  # below and above ROW_GATHER_MIN_COLUMNS
+def test_gathers_of_the_search_read_the_right_voxels(columns):
+    """Both CPU gather paths (one numpy take; row by row from shifted views) give
+    flat[first[:, None] + second[None, :]], with negative offsets and into a given ``out``."""
+    from vmat_diffusion.gamma import ROW_GATHER_MIN_COLUMNS, _take
+    assert 100 < ROW_GATHER_MIN_COLUMNS <= 5000
+    generator = torch.Generator().manual_seed(columns)
+    flat = torch.rand(20000, generator=generator)
+    first = torch.tensor([-211, -1, 0, 5, 230], dtype=torch.int64)
+    second = torch.randint(211, 20000 - 230, (columns,), generator=generator)
+    expected = flat[first[:, None] + second[None, :]]
+    assert torch.equal(_take(flat, first, second), expected)
+    out = torch.full((6, columns), -1.0)
+    _take(flat, first, second, out=out[:5])
+    assert torch.equal(out[:5], expected) and bool((out[5] == -1.0).all())

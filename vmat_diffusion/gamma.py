@@ -326,18 +326,30 @@ def _cube_offsets_array(box: Tuple[int, int, int], strides: Tuple[int, int, int]
     return cube @ np.array(strides, dtype=np.int64)
 
 
+# From this many columns on, _take gathers row by row on the CPU (one 1-D index_select per
+# row from a shifted view of flat: no (a, b) index to build and read; 0.7x the time of
+# numpy's take at 14k columns), below it with one numpy take (per-row call overhead wins).
+ROW_GATHER_MIN_COLUMNS = 4096
+
+
 def _take(flat: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
           out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``flat[first[:, None] + second[None, :]]``: (a,) and (b,) int64 -> (a, b) values
-    (into ``out``, contiguous, if given). On the CPU numpy's take is about twice as fast as
-    torch's, index building included."""
-    if flat.device.type == "cpu":
-        index = np.add.outer(first.numpy(), second.numpy())
-        if out is None:
-            return torch.from_numpy(np.take(flat.numpy(), index))
-        np.take(flat.numpy(), index, out=out.numpy())
-        return out
-    return torch.take(flat, first[:, None] + second[None, :], out=out)
+    (into ``out``, contiguous, if given). On the CPU, for few columns, numpy's take is about
+    twice as fast as torch's, index building included; see ROW_GATHER_MIN_COLUMNS for many."""
+    if flat.device.type != "cpu":
+        return torch.take(flat, first[:, None] + second[None, :], out=out)
+    if out is None:
+        out = torch.empty((first.numel(), second.numel()), dtype=flat.dtype)
+    if second.numel() >= ROW_GATHER_MIN_COLUMNS:
+        offsets = first.tolist()
+        lowest = min(offsets)
+        shifted = second + lowest  # >= 0, as every gathered index second + offset is
+        for row, offset in enumerate(offsets):
+            torch.index_select(flat[offset - lowest:], 0, shifted, out=out[row])
+    else:
+        np.take(flat.numpy(), np.add.outer(first.numpy(), second.numpy()), out=out.numpy())
+    return out
 
 
 def _cube_gradient_bound(cube: torch.Tensor, spacing_mm: Sequence[float]) -> torch.Tensor:
@@ -653,6 +665,7 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
     dta = settings.distance_mm
     radius = [k.distance_mm for k in kernels]
     distance_term = [(r / dta) ** 2 for r in radius]  # as pymedphys: (distance / DTA) ** 2
+    distance_terms = torch.tensor(distance_term, dtype=torch.float64, device=reference.device)
     max_gamma_sq = settings.max_gamma ** 2
     # for each shell s >= 1: the first shell from s on outside shell s-1's box, or None
     first_in_next_box = [None] + [next((t for t in range(s, len(kernels)) if kernels[t].box != kernels[s - 1].box),
@@ -749,8 +762,11 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
             else:
                 dose_diff = _min_dose_difference(grid.flat, grid.voxel_index.index_select(0, ids),
                                                  reference.index_select(0, ids), kernel, chunk_size)
-            tol = _tolerance_of(tolerance, ids)
-            shell_gamma_sq = (dose_diff.double() / tol).square_().add_(distance_term[s])
+            if torch.is_tensor(tolerance):
+                shell_gamma_sq = (dose_diff.double() / _tolerance_of(tolerance, ids)).square_().add_(distance_term[s])
+            else:  # one op fewer per shell: (d / tol)**2 as d * d * tol**-2 (within 2 ulp)
+                dose_diff = dose_diff.double()
+                shell_gamma_sq = torch.addcmul(distance_terms[s], dose_diff, dose_diff, value=tolerance ** -2)
             if hopeful is None:
                 torch.minimum(active.best, shell_gamma_sq, out=active.best)
             else:
