@@ -45,7 +45,7 @@ radius up to the voxel size: at 3 %/3 mm all but the outermost with 3 mm voxels)
 differences are gathered once per voxel and reused by every such shell. When most of the voxels still searched
 are hopeful on a shell, all of them are searched (a shell that cannot improve a voxel does not
 change its minimum) rather than selected. Work runs on the device of the reference tensor (CUDA
-tensors on the GPU, numpy arrays on the CPU, where numpy does the gathers, comparisons and
+tensors on the GPU, numpy arrays on the CPU, where numpy does the small gathers, comparisons and
 index arithmetic that it does faster than torch) in chunks of at most ``chunk_size``
 voxel-point pairs. On a CPU that other processes keep busy, ``torch.set_num_threads(1)`` can be
 much faster than more threads.
