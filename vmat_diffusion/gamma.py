@@ -513,7 +513,7 @@ class _ShellKernel:
 
     unit_cube_weights: (Q, 27) trilinear weights over the 3 x 3 x 3 voxels around the voxel (C
     order) when every point's corners lie there (then ``unit_cube_weights @ cube_differences``
-    is D_eval(point) - D_ref), else None. box_voxels: the number of voxels in the box.
+    is D_eval(point) - D_ref), else None.
     """
     distance_mm: float
     n_points: int
@@ -522,7 +522,6 @@ class _ShellKernel:
     weights: torch.Tensor
     box: Tuple[int, int, int]
     unit_cube_weights: Optional[torch.Tensor]
-    box_voxels: int
 
 
 def _shell_kernels(plan_key: tuple, strides: np.ndarray, device: torch.device) -> List[_ShellKernel]:
@@ -554,7 +553,6 @@ def _kernels_on_device(plan_key: tuple, device: str) -> Tuple[_ShellKernel, ...]
             box=blocks.box,
             unit_cube_weights=(torch.as_tensor(np.ascontiguousarray(blocks.weights[0, :, :27]), device=device)
                                if in_unit_cube else None),
-            box_voxels=int(np.prod([2 * b + 1 for b in blocks.box])),
         ))
     return tuple(kernels)
 
@@ -632,7 +630,7 @@ class _Active:
         return _Active(*(pick(getattr(self, name)) for name in self.__dataclass_fields__))
 
 
-def _bounds_shells(kernels: Sequence[_ShellKernel]) -> set:
+def _bounds_shells(plan: Sequence[_ShellBlocks]) -> frozenset:
     """Shells at which the voxels still searched get their box's bounds: per box, the first shell
     with BOUNDS_POINTS_PER_VOXEL points per box voxel (or, where none has, the box's largest
     shell, if it has at least one per voxel). Bounds cost a few passes over the box per voxel;
@@ -640,18 +638,37 @@ def _bounds_shells(kernels: Sequence[_ShellKernel]) -> set:
     doses: 0.90-0.965 of the time of bounding at one point per box voxel, same results; a poor
     prediction, where bounds matter most, 1.04)."""
     shells = set()
-    for box in dict.fromkeys(k.box for k in kernels[1:]):
-        in_box = [s for s in range(1, len(kernels)) if kernels[s].box == box]
-        box_voxels = kernels[in_box[0]].box_voxels
-        largest = max(kernels[s].n_points for s in in_box)
+    for box in dict.fromkeys(blocks.box for blocks in plan[1:]):
+        in_box = [s for s in range(1, len(plan)) if plan[s].box == box]
+        box_voxels = int(np.prod([2 * b + 1 for b in box]))
+        largest = max(plan[s].n_points for s in in_box)
         if largest >= box_voxels:
             wanted = min(BOUNDS_POINTS_PER_VOXEL * box_voxels, largest)
-            shells.add(next(s for s in in_box if kernels[s].n_points >= wanted))
-    return shells
+            shells.add(next(s for s in in_box if plan[s].n_points >= wanted))
+    return frozenset(shells)
 
 
-def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria,
-            kernels: List[_ShellKernel], skip_once_passed: bool, chunk_size: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Schedule:
+    """What the search does at each shell s, fixed by the plan.
+
+    first_in_next_box: per shell s >= 1, the first shell from s on outside shell s-1's box, or
+        None (entry 0 unused); bounds_at: the shells where bounds are computed (_bounds_shells).
+    """
+    first_in_next_box: Tuple[Optional[int], ...]
+    bounds_at: frozenset
+
+
+@lru_cache(maxsize=16)
+def _shell_schedule(plan_key: tuple) -> _Schedule:
+    plan = _search_plan(*plan_key)
+    first_in_next_box = (None,) + tuple(next((t for t in range(s, len(plan)) if plan[t].box != plan[s - 1].box), None)
+                                        for s in range(1, len(plan)))
+    return _Schedule(first_in_next_box, _bounds_shells(plan))
+
+
+def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria, kernels: List[_ShellKernel],
+            schedule: _Schedule, skip_once_passed: bool, chunk_size: int) -> torch.Tensor:
     """(N,) float64 squared gamma (before clipping) of the evaluated voxels.
 
     Shells are searched innermost first. A voxel is searched on a shell only while a lower bound
@@ -667,10 +684,7 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
     distance_term = [(r / dta) ** 2 for r in radius]  # as pymedphys: (distance / DTA) ** 2
     distance_terms = torch.tensor(distance_term, dtype=torch.float64, device=reference.device)
     max_gamma_sq = settings.max_gamma ** 2
-    # for each shell s >= 1: the first shell from s on outside shell s-1's box, or None
-    first_in_next_box = [None] + [next((t for t in range(s, len(kernels)) if kernels[t].box != kernels[s - 1].box),
-                                       None) for s in range(1, len(kernels))]
-    bounds_at = _bounds_shells(kernels)
+    first_in_next_box, bounds_at = schedule.first_in_next_box, schedule.bounds_at
 
     dose0 = torch.abs(grid.flat.index_select(0, grid.voxel_index) - reference).double() / tolerance  # radius 0
     result = dose0.square()
@@ -830,7 +844,8 @@ def _evaluated_gamma(reference: ArrayLike, evaluated: ArrayLike, spacing_mm, dos
     fraction = settings.dose_percent / 100.0
     tolerance = fraction * ref_values if settings.local else fraction * normalisation
     with _full_float32_matmul():
-        gamma_sq = _search(grid, ref_values, tolerance, settings, kernels, bool(skip_once_passed), chunk_size)
+        gamma_sq = _search(grid, ref_values, tolerance, settings, kernels, _shell_schedule(plan_key),
+                           bool(skip_once_passed), chunk_size)
     return ref.shape, device, voxels, _round_up_to_float32(torch.sqrt(gamma_sq).clamp_(max=settings.max_gamma))
 
 
