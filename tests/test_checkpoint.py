@@ -79,6 +79,13 @@ def test_missing_or_garbage_file(tmp_path, content, message):
         load_checkpoint(path)
 
 
+def test_a_case_file_given_as_checkpoint_is_named_as_such(tmp_path):
+    path = tmp_path / "case.npz"
+    np.savez(path, ct=np.zeros((2, 2, 2), np.float32), dose=np.zeros((2, 2, 2), np.float32))
+    with pytest.raises(CheckpointError, match=r"case.npz: a numpy .npz archive \(a case file\?\), not a checkpoint"):
+        load_checkpoint(path)
+
+
 def test_plain_state_dict_is_not_a_training_checkpoint(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(tiny_model().state_dict(), path)

@@ -178,6 +178,8 @@ def test_dilate_mask_is_an_anisotropic_ellipsoid():
     assert np.array_equal(dilate_mask(mask, spacing, 0.0), mask)
     as_tensor = dilate_mask(torch.from_numpy(mask), spacing, 5.0)
     assert isinstance(as_tensor, torch.Tensor) and torch.equal(as_tensor, torch.from_numpy(grown))
+    import vmat_diffusion  # the README's evaluation section uses it from the package
+    assert vmat_diffusion.dilate_mask is dilate_mask and vmat_diffusion.pass_rate_from_gamma is pass_rate_from_gamma
 
 
 # --------------------------------------------------------------------------- options and inputs

@@ -237,15 +237,15 @@ def test_bin_wrapper_exits_2_without_traceback(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["missing_checkpoint", "text_file", "case_as_checkpoint", "other_structures",
-                                     "baseline_samples", "unknown_kind", "kind_class_mismatch"])
+                                     "baseline_samples", "unknown_kind", "kind_class_mismatch", "output_dir_is_a_file"])
 def test_cli_bad_input_exits_2_with_one_message(problem, data_dir, checkpoints, tmp_path, capsys):
     case_path = _case_files(data_dir)[0]
     checkpoint = checkpoints["baseline"]
     extra = []
     expected = {"missing_checkpoint": "not found", "text_file": "not a PyTorch checkpoint",
-                "case_as_checkpoint": "checkpoint", "other_structures": "Bowel",
-                "baseline_samples": "--samples", "unknown_kind": "unknown model kind",
-                "kind_class_mismatch": "SimpleUNet3D"}[problem]
+                "case_as_checkpoint": "a numpy .npz archive (a case file?), not a checkpoint",
+                "other_structures": "Bowel", "baseline_samples": "--samples", "unknown_kind": "unknown model kind",
+                "kind_class_mismatch": "SimpleUNet3D", "output_dir_is_a_file": "exists and is not a folder"}[problem]
     if problem == "missing_checkpoint":
         checkpoint = tmp_path / "absent.ckpt"
     elif problem == "text_file":
@@ -262,10 +262,15 @@ def test_cli_bad_input_exits_2_with_one_message(problem, data_dir, checkpoints, 
     elif problem == "kind_class_mismatch":
         checkpoint = _write_checkpoint(tmp_path / "mixed.ckpt", "baseline", model_kind="ddpm")
     out = tmp_path / "out"
+    if problem == "output_dir_is_a_file":
+        out.write_text("a file where the output folder should go\n")
     code = main(["--checkpoint", str(checkpoint), "--input", str(case_path), "--output_dir", str(out)] + extra)
     assert code == 2
     message = _error_message(capsys)
     assert expected in message
+    if problem == "output_dir_is_a_file":
+        assert message.startswith("error: --output_dir:") and out.read_text().startswith("a file")
+        return
     if problem == "other_structures":
         assert "FemoralHead_R" in message and str(case_path) in message
     assert not out.exists() or not list(out.glob("*_pred.npz"))  # nothing predicted before the error

@@ -222,6 +222,10 @@ def test_cli_exit_codes(fake_src, tmp_path, capsys):
     assert import_main([str(src), str(tmp_path / "out"), "--quiet"]) == 0
     assert "2 skipped" in capsys.readouterr().out
     assert import_main([str(tmp_path / "nothing-here"), str(tmp_path / "out")]) == 2
+    capsys.readouterr()
+    (tmp_path / "a_file").write_text("not a folder\n")
+    assert import_main([str(src), str(tmp_path / "a_file"), "--quiet"]) == 2
+    assert "a_file exists and is not a folder" in capsys.readouterr().err
     bad = copy_patient(src / "train-pats" / "pt_1", tmp_path / "bad" / "pt_9")
     (bad / "ct.csv").write_text("oops\n1,2\n")
     assert import_main([str(tmp_path / "bad"), str(tmp_path / "out_bad"), "--quiet"]) == 1

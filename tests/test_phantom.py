@@ -197,3 +197,11 @@ def test_cli_writes_n_files(tmp_path, capsys):
 def test_cli_rejects_bad_shape(tmp_path, capsys):
     assert make_phantoms_main([str(tmp_path), "--n", "1", "--shape", "8", "8", "8"]) == 2
     assert "at least 16" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_output_folder_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "case.npz"
+    target.write_bytes(b"not a folder")
+    assert make_phantoms_main([str(target), "--n", "1", "--shape", "16", "16", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "case.npz" in err and "is not a folder" in err and "Traceback" not in err

@@ -171,6 +171,10 @@ def test_cli(data_dir, tmp_path, capsys):
     assert build_store_main([str(data_dir), "--quiet"]) == 0
     assert "2 already up to date" in capsys.readouterr().out
     assert build_store_main([str(tmp_path / "missing")]) == 2
+    capsys.readouterr()
+    (tmp_path / "a_file").write_text("not a folder\n")
+    assert build_store_main([str(data_dir), str(tmp_path / "a_file"), "--quiet"]) == 2
+    assert "a_file exists and is not a folder" in capsys.readouterr().err
 
 
 def test_changed_case_id_replaces_the_old_folder(data_dir, tmp_path, phantom_cases):

@@ -112,8 +112,12 @@ def test_resume_after_kill_is_bit_identical(phantom_dir, tmp_path, straight_run,
     assert killed.returncode == TEST_EXIT_CODE, killed.stderr
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["epoch"] == 2
-    resumed = run_cli(args + ["--resume", str(last)])
+    # workers=0: only the data folder and the checkpoint; every other setting comes from the checkpoint
+    minimal = ["--data_dir", str(phantom_dir), "--num_workers", "0"]
+    resumed = run_cli((minimal if workers == 0 else args) + ["--resume", str(last)])
     assert resumed.returncode == 0, resumed.stderr
+    if workers == 0:
+        assert "resuming with the checkpoint's" in resumed.stdout and "epochs=4" in resumed.stdout
 
     straight = torch.load(straight_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert_same_state(straight, torch.load(last, weights_only=True))
@@ -160,6 +164,13 @@ def test_broken_case_is_named(phantom_dir, tmp_path, capsys):
 def test_bad_values(phantom_dir, tmp_path, capsys, flag, value, name):
     code, err = error_of(["--data_dir", str(phantom_dir), "--log_dir", str(tmp_path), flag, value], capsys)
     assert code == 2 and name in err
+
+
+def test_log_dir_that_is_a_file_is_refused_before_training(phantom_dir, tmp_path, capsys):
+    not_a_folder = tmp_path / "runs"
+    not_a_folder.write_text("a file\n")
+    code, err = error_of(["--data_dir", str(phantom_dir), "--log_dir", str(not_a_folder)] + TINY, capsys)
+    assert code == 2 and "log_dir" in err and "exists and is not a folder" in err
 
 
 def test_bad_choice_is_an_argparse_error(capsys):

@@ -2,6 +2,7 @@
 CPU precision and denormal flushing."""
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -262,3 +263,44 @@ def test_cli_loss_mask_flag(phantom_dir, tmp_path, capsys):
                            "--epochs", "1", "--patch_size", "16", "--base_channels", "4", "--levels", "2",
                            "--num_workers", "0"])
     assert code == 2 and "loss_mask: case(s)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- memory-mapped store
+
+
+def test_training_through_the_store_equals_training_from_the_npz_files(phantom_dir, tmp_path):
+    """--store reads the same arrays memory-mapped: the run is bit-identical, and torch's warning
+    about read-only NumPy memory does not reach the user."""
+    import shutil
+    import warnings
+    data = tmp_path / "cases"
+    shutil.copytree(phantom_dir, data)
+    finals = {}
+    for use_store in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop.Trainer(tiny_config(data, tmp_path / str(use_store), epochs=1, use_store=use_store)).fit()
+        assert not [w for w in caught if "not writable" in str(w.message)]
+        finals[use_store] = load_checkpoint(tmp_path / str(use_store) / "run" / "checkpoints" / "last.ckpt")
+    assert any((data / name).is_dir() for name in os.listdir(data))  # the store was built next to the cases
+    for key, value in finals[False]["model"].items():
+        assert torch.equal(value, finals[True]["model"][key]), key
+    assert finals[False]["metrics"] == finals[True]["metrics"]
+
+
+def test_max_val_cases_validates_the_first_cases_only_and_says_so(phantom_dir, tmp_path, monkeypatch, capsys):
+    seen = []
+    real_validate = loop.validate
+
+    def counting_validate(model, cases, *args, **kwargs):
+        cases = list(cases)
+        seen.append([case.case_id for case in cases])
+        return real_validate(model, iter(cases), *args, **kwargs)
+
+    monkeypatch.setattr(loop, "validate", counting_validate)
+    config = tiny_config(phantom_dir, tmp_path, epochs=1, val_split=0.4, test_split=0.0, max_val_cases=1)
+    trainer = loop.Trainer(config)
+    trainer.fit()
+    assert len(trainer.split.val) == 2
+    assert len(seen) == 1 and seen[0] == [trainer.val_reader[0].case_id]
+    assert "validating on the first 1 of 2 (--max_val_cases)" in capsys.readouterr().out

@@ -24,7 +24,7 @@ from .sliding_window import (gaussian_importance_map, predict_full_volume, slidi
 from .dvh import DVH, dose_at_cc, dose_at_percent, dvh, dvh_metrics, volume_receiving
 from .metrics import (compare_goals, dose_score, dvh_score, dvh_score_details, dvh_table, evaluate_goals,
                       mae_gy, masks_from_case)
-from .gamma import gamma_index, gamma_pass_rate
+from .gamma import dilate_mask, gamma_index, gamma_pass_rate, pass_rate_from_gamma
 from .host_memory import keep_freed_memory
 from .openkbp import OpenKBPFormatError, import_openkbp, openkbp_to_case, read_openkbp_patient
 from .store import CaseStore, StoreCase, build_store, open_cases

@@ -98,7 +98,8 @@ def _check_float_array(path, key, arr, ndim) -> np.ndarray:
     if not isinstance(arr, np.ndarray):
         raise CaseFormatError(path, key, f"expected a numpy array, got {type(arr).__name__}")
     if arr.dtype.kind != "f":
-        raise CaseFormatError(path, key, f"expected float32, got dtype {arr.dtype}")
+        raise CaseFormatError(path, key, f"expected a float32 array (other float dtypes are converted), "
+                                         f"got dtype {arr.dtype}")
     if arr.ndim != ndim:
         raise CaseFormatError(path, key, f"expected {ndim} dimensions, got shape {arr.shape}")
     if not np.isfinite(arr).all():
@@ -187,6 +188,13 @@ def load_case(path, allow_pickle: bool = False, require_dose: bool = True) -> Ca
     path = Path(path)
     if not path.is_file():
         raise CaseFormatError(path, None, "file not found")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise CaseFormatError(path, None, "expected an .npz archive of named arrays, got a single .npy array")
+    if not zipfile.is_zipfile(path):
+        raise CaseFormatError(path, None, "not a complete .npz archive (no zip directory: truncated, or "
+                                          "not the zip of named .npy arrays that numpy.savez and save_case write)")
     try:
         npz = np.load(path, allow_pickle=allow_pickle)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
@@ -202,7 +210,8 @@ def load_case(path, allow_pickle: bool = False, require_dose: bool = True) -> Ca
                 if "allow_pickle" in str(e):
                     raise CaseFormatError(
                         path, key, "holds a pickled Python object; refused because loading a pickle "
-                        "can run code. If you trust this file, pass allow_pickle=True") from None
+                        "can run code. If you trust this file, convert it once in Python: "
+                        "save_case(path, load_case(path, allow_pickle=True)) rewrites it without pickles") from None
                 raise CaseFormatError(path, key, f"unreadable array ({e})") from None
             except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
                 raise CaseFormatError(path, key, f"truncated or corrupt entry ({type(e).__name__}: {e})") from None

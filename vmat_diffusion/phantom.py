@@ -524,6 +524,8 @@ def write_phantoms(folder, n: int, shape=(96, 96, 64), spacing_mm=(4.0, 4.0, 4.0
         raise ValueError(f"prefix must be a non-empty file-name prefix without slashes, got {prefix!r}")
     shape, spacing, seed = _check_shape(shape), _check_spacing(spacing_mm), _check_seed(seed)
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: exists and is not a folder (the phantoms' .npz files go into a folder)")
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in tqdm(range(int(n)), desc="phantoms", disable=not progress):

@@ -40,6 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: no .npz case files in {data_dir}", file=sys.stderr)
         return 2
     store_dir = Path(args.store_dir) if args.store_dir else data_dir / DEFAULT_CACHE_NAME
+    if store_dir.exists() and not store_dir.is_dir():
+        print(f"error: STORE_DIR {store_dir} exists and is not a folder", file=sys.stderr)
+        return 2
     try:
         report = build_store(data_dir, store_dir, thresholds=args.thresholds, force=args.force,
                              progress=not args.quiet and sys.stderr.isatty())

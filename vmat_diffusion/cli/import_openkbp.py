@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from ..openkbp import find_openkbp_patients, import_openkbp
@@ -33,6 +34,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if n_found == 0:
         print(f"error: no OpenKBP patient folders (pt_*/ with ct.csv) under {args.src}", file=sys.stderr)
+        return 2
+    if Path(args.dst).exists() and not Path(args.dst).is_dir():
+        print(f"error: DST {args.dst} exists and is not a folder (the case files go into a folder)", file=sys.stderr)
         return 2
     progress = not args.quiet and sys.stderr.isatty()
     report = import_openkbp(args.src, args.dst, force=args.force, progress=progress)

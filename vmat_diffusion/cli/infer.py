@@ -156,6 +156,16 @@ def input_cases(args) -> List[Path]:
 
 def output_paths(args, case_ids: Sequence[str]) -> Dict[str, Path]:
     """case_id -> prediction file, from --output / --output_dir (see the module docstring)."""
+    outputs = _output_paths(args, case_ids)
+    flag = "--output" if args.output is not None else "--output_dir"
+    for folder in {path.parent for path in outputs.values()}:
+        for part in (folder, *folder.parents):
+            if part.exists() and not part.is_dir():
+                raise InferenceInputError(f"{flag}: {part} exists and is not a folder")
+    return outputs
+
+
+def _output_paths(args, case_ids: Sequence[str]) -> Dict[str, Path]:
     if args.input_dir is not None:
         if args.output is not None:
             raise InferenceInputError("--output names one prediction file; with --input_dir use --output_dir")

@@ -33,6 +33,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"vmat-make-phantoms: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"vmat-make-phantoms: error: cannot write into {args.out_dir}: {e}", file=sys.stderr)
+        return 2
     if not args.quiet:
         print(f"wrote {len(paths)} phantoms to {args.out_dir} ({paths[0].name} .. {paths[-1].name})")
     return 0

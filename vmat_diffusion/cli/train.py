@@ -5,6 +5,10 @@
     vmat-train --data_dir cases/ --resume runs/vmat_dose/checkpoints/last.ckpt
     vmat-train --data_dir cases/ --devices 4 --strategy ddp        # 4 GPUs through torchrun
 
+With ``--resume`` every setting not given on the command line comes from the checkpoint (run
+folder, epochs, patch size, learning rate, ...), except the machine's: ``INVOCATION_SETTINGS``
+(device, devices, workers, time budget, cooling, progress) come from this command line.
+
 Outputs go to ``<log_dir>/<exp_name>/`` (training_config.json, epoch_metrics.csv,
 training_summary.json, TensorBoard events, checkpoints/). Flags and defaults follow the
 training guide; ``--use_simple_unet`` is accepted for its command lines (SimpleUNet3D is the only
@@ -19,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence, Set
 
 from ..case import CaseFormatError
-from ..training.checkpoint import CheckpointError
+from ..training.checkpoint import CheckpointError, load_checkpoint
 from ..training.config import LOSSES, MODELS, PRECISIONS, PRECISION_ALIASES, SCHEDULES, STRATEGIES, TrainConfig
 from ..training import distributed as dist_utils
 
@@ -123,6 +127,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Settings of the machine and of this invocation. With --resume they come from the command line
+# (given or default); every other setting that is not given comes from the checkpoint.
+INVOCATION_SETTINGS = frozenset({
+    "data_dir", "resume", "num_workers", "cache_cases", "use_store", "max_minutes", "device", "devices",
+    "num_nodes", "strategy", "gpu_cooling", "cooling_interval", "cooling_pause", "epoch_pause", "progress"})
+
+
+def given_settings(argv: Sequence[str]) -> Set[str]:
+    """Names (argparse dests) of the flags given in ``argv``."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    given, _ = probe.parse_known_args(list(argv))
+    return set(vars(given))
+
+
+def adopt_checkpoint_settings(args: argparse.Namespace, given: Set[str]) -> List[str]:
+    """On --resume: the checkpoint's value of every setting not given (and not a machine setting);
+    returns the names of the settings that changed. CheckpointError for an unreadable checkpoint."""
+    saved = load_checkpoint(args.resume, map_location="cpu").get("config") or {}
+    adopted = []
+    for name, value in saved.items():
+        if hasattr(args, name) and name not in given and name not in INVOCATION_SETTINGS \
+                and getattr(args, name) != value:
+            setattr(args, name, value)
+            adopted.append(name)
+    return adopted
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = vars(args).copy()
     if values.get("val_ids"):
@@ -138,10 +172,19 @@ def _error(message: str, code: int = 2) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    adopted = []
+    if args.resume:
+        try:
+            adopted = adopt_checkpoint_settings(args, given_settings(argv))
+        except CheckpointError as e:
+            return _error(str(e))
     try:
         config = config_from_args(args).validate()
     except ValueError as e:
         return _error(str(e))
+    if adopted and dist_utils.context_from_env().is_main:
+        print(f"{PROG}: resuming with the checkpoint's " + ", ".join(f"{n}={getattr(args, n)!r}" for n in adopted)
+              + " (flags given on the command line take precedence)", flush=True)
 
     wants_ddp = config.devices > 1 or config.num_nodes > 1
     if wants_ddp and not dist_utils.under_torchrun():

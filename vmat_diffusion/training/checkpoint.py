@@ -163,6 +163,9 @@ def load_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint file not found")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (expected a torch.save zip archive)")
+    if _is_npz(path):
+        raise CheckpointError(f"{path}: a numpy .npz archive (a case file?), not a checkpoint; expected "
+                              "a .ckpt written by vmat-train (e.g. checkpoints/best.ckpt)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -182,6 +185,16 @@ def load_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     return checkpoint
+
+
+def _is_npz(path: Path) -> bool:
+    """True for a zip of top-level .npy members (numpy.savez); torch.save archives keep theirs in a folder."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return bool(names) and all(name.endswith(".npy") and "/" not in name for name in names)
 
 
 def _first_line(error: BaseException) -> str:

@@ -269,7 +269,7 @@ class PatchDataset(Dataset):
         if self.augment:
             from ..augment import augment
             patches = [augment(patch, self.structures, rng) for patch in patches]
-        constraints = torch.from_numpy(np.asarray(case.constraints, dtype=np.float32))
+        constraints = torch.tensor(np.asarray(case.constraints), dtype=torch.float32)  # a copy: store arrays are read-only
         item = {
             "ct": torch.stack([p["ct"] for p in patches]),
             "masks_sdf": torch.stack([p["masks_sdf"] for p in patches]),

@@ -43,6 +43,7 @@ import os
 import random
 import sys
 import time
+import warnings
 import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -289,13 +290,23 @@ def subsampled_gamma(reference_gy: torch.Tensor, predicted_gy: torch.Tensor, spa
 
 
 def _case_tensors(case: Case, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(condition (1, 1 + S, X, Y, Z), constraints (1, K), dose Gy (1, 1, X, Y, Z)) on ``device``."""
-    ct = torch.as_tensor(np.asarray(case.ct, dtype=np.float32))[None, None]
-    sdf = torch.as_tensor(np.asarray(case.masks_sdf, dtype=np.float32))[None]
+    """(condition (1, 1 + S, X, Y, Z), constraints (1, K), dose Gy (1, 1, X, Y, Z)) on ``device``.
+
+    Only read, never written: so the store's read-only memory maps are used without a copy."""
+    ct = _read_only_tensor(case.ct)[None, None]
+    sdf = _read_only_tensor(case.masks_sdf)[None]
     condition = torch.cat([ct, sdf], dim=1).to(device)
-    constraints = torch.as_tensor(np.asarray(case.constraints, dtype=np.float32))[None].to(device)
-    dose = torch.as_tensor(np.asarray(case.dose, dtype=np.float32))[None, None].to(device)
+    constraints = _read_only_tensor(case.constraints)[None].to(device)
+    dose = _read_only_tensor(case.dose)[None, None].to(device)
     return condition, constraints, dose
+
+
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """float32 tensor sharing ``array``'s memory, also when that is read-only (a memory-mapped
+    store: torch warns there, because writing to the tensor would fail; callers only read)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(np.asarray(array, dtype=np.float32))
 
 
 @torch.no_grad()
@@ -648,8 +659,11 @@ class Trainer:
         cfg = self.config
         start = self.run_start = time.time()
         early_stopped, stop_reason = False, "max epochs"
+        n_val = len(self.split.val)
+        validating = str(n_val) if cfg.max_val_cases is None or cfg.max_val_cases >= n_val \
+            else f"the first {cfg.max_val_cases} of {n_val} (--max_val_cases)"
         self._say(f"training {type(self.model).__name__} ({count_parameters(self.model)['total_parameters']:,} "
-                  f"parameters) on {len(self.split.train)} cases, validating on {len(self.split.val)}; "
+                  f"parameters) on {len(self.split.train)} cases, validating on {validating}; "
                   f"{self.micro_per_epoch} batches/epoch, precision {precision_name(self.autocast_dtype)}, "
                   f"device {self.device}, {self.dist.world_size} process(es); outputs in {self.run_dir}")
         epochs = range(self.epoch + 1, cfg.epochs + 1)
