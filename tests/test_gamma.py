@@ -370,3 +370,10 @@ def test_gathers_of_the_search_read_the_right_voxels(columns):
     out = torch.full((6, columns), -1.0)
     _take(flat, first, second, out=out[:5])
     assert torch.equal(out[:5], expected) and bool((out[5] == -1.0).all())
+    assert _take(flat, first[:0], second).shape == (0, columns)
+
+
+def test_a_vanishing_dose_tolerance_gives_max_gamma_not_an_error():
+    ones = np.ones((8, 8, 8), dtype=np.float32)
+    gamma = gamma_index(ones, 1.5 * ones, 2.0, global_normalisation=1e-170, cutoff_percent=0.0)
+    assert np.all(gamma == np.float32(1.1))

@@ -169,8 +169,9 @@ def test_bad_values(phantom_dir, tmp_path, capsys, flag, value, name):
 def test_log_dir_that_is_a_file_is_refused_before_training(phantom_dir, tmp_path, capsys):
     not_a_folder = tmp_path / "runs"
     not_a_folder.write_text("a file\n")
-    code, err = error_of(["--data_dir", str(phantom_dir), "--log_dir", str(not_a_folder)] + TINY, capsys)
-    assert code == 2 and "log_dir" in err and "exists and is not a folder" in err
+    for log_dir in (not_a_folder, not_a_folder / "deeper"):
+        code, err = error_of(["--data_dir", str(phantom_dir), "--log_dir", str(log_dir)] + TINY, capsys)
+        assert code == 2 and f"log_dir: {not_a_folder} exists and is not a folder" in err
 
 
 def test_bad_choice_is_an_argparse_error(capsys):
@@ -213,3 +214,27 @@ def test_bin_script_shows_help():
                  "--cooling_pause", "--model", "--precision", "--accumulate_grad_batches", "--ema", "--patience",
                  "--device"):
         assert flag in result.stdout, flag
+
+
+def test_resume_adopts_unset_flags_and_every_switch_can_be_turned_back(monkeypatch):
+    from vmat_diffusion.cli import train as train_cli
+    from vmat_diffusion.training.config import TrainConfig
+    saved = TrainConfig(data_dir="elsewhere", epochs=7, augment=False, deterministic=True, skip_nonfinite=True,
+                        loss_mask="possible_dose_mask", max_val_cases=1, num_workers=5).to_dict()
+    monkeypatch.setattr(train_cli, "load_checkpoint", lambda path, map_location=None: {"config": saved})
+
+    def resumed(*flags):
+        argv = ["--data_dir", "cases", "--resume", "last.ckpt", *flags]
+        args = train_cli.build_parser().parse_args(argv)
+        adopted = train_cli.adopt_checkpoint_settings(args, train_cli.given_settings(argv))
+        return train_cli.config_from_args(args), adopted
+
+    config, adopted = resumed()
+    assert (config.epochs, config.augment, config.deterministic, config.skip_nonfinite, config.loss_mask,
+            config.max_val_cases) == (7, False, True, True, "possible_dose_mask", 1)
+    assert config.data_dir == "cases" and config.num_workers == TrainConfig().num_workers  # machine settings
+    assert "epochs" in adopted and "num_workers" not in adopted
+    config, _ = resumed("--epochs", "9", "--augment", "--no-deterministic", "--no-skip_nonfinite",
+                        "--loss_mask", "none", "--max_val_cases", "all")
+    assert (config.epochs, config.augment, config.deterministic, config.skip_nonfinite, config.loss_mask,
+            config.max_val_cases) == (9, True, False, False, None, None)

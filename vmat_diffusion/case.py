@@ -199,8 +199,6 @@ def load_case(path, allow_pickle: bool = False, require_dose: bool = True) -> Ca
         npz = np.load(path, allow_pickle=allow_pickle)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise CaseFormatError(path, None, f"not a readable .npz archive ({type(e).__name__}: {e})") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise CaseFormatError(path, None, "expected an .npz archive of named arrays, got a single .npy array")
     arrays = {}
     with npz:
         for key in npz.files:

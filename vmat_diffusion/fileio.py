@@ -43,6 +43,16 @@ def _current_umask() -> int:
     return mask
 
 
+def non_folder_on_path(folder) -> "Path | None":
+    """The first of ``folder`` and its parents that exists but is not a folder (a file where an
+    output folder must go), or None when ``folder`` can be created or used."""
+    folder = Path(folder)
+    for part in (folder, *folder.parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
+
+
 def atomic_write(path, write: Callable[[IO], None], mode: str = "wb") -> None:
     """Call ``write(file_object)`` on a temporary file and atomically move it to ``path``."""
     with atomic_open(path, mode) as f:

@@ -341,7 +341,7 @@ def _take(flat: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
         return torch.take(flat, first[:, None] + second[None, :], out=out)
     if out is None:
         out = torch.empty((first.numel(), second.numel()), dtype=flat.dtype)
-    if second.numel() >= ROW_GATHER_MIN_COLUMNS:
+    if second.numel() >= ROW_GATHER_MIN_COLUMNS and first.numel():
         offsets = first.tolist()
         lowest = min(offsets)
         shifted = second + lowest  # >= 0, as every gathered index second + offset is
@@ -685,6 +685,7 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
     distance_terms = torch.tensor(distance_term, dtype=torch.float64, device=reference.device)
     max_gamma_sq = settings.max_gamma ** 2
     first_in_next_box, bounds_at = schedule.first_in_next_box, schedule.bounds_at
+    inverse_tolerance_sq = None if torch.is_tensor(tolerance) else 1.0 / tolerance / tolerance  # inf, not an error
 
     dose0 = torch.abs(grid.flat.index_select(0, grid.voxel_index) - reference).double() / tolerance  # radius 0
     result = dose0.square()
@@ -778,9 +779,9 @@ def _search(grid: _Grid, reference: torch.Tensor, tolerance, settings: _Criteria
                                                  reference.index_select(0, ids), kernel, chunk_size)
             if torch.is_tensor(tolerance):
                 shell_gamma_sq = (dose_diff.double() / _tolerance_of(tolerance, ids)).square_().add_(distance_term[s])
-            else:  # one op fewer per shell: (d / tol)**2 as d * d * tol**-2 (within 2 ulp)
+            else:  # one op fewer per shell: (d / tol)**2 as d * d * (1 / tol / tol), within a few ulp
                 dose_diff = dose_diff.double()
-                shell_gamma_sq = torch.addcmul(distance_terms[s], dose_diff, dose_diff, value=tolerance ** -2)
+                shell_gamma_sq = torch.addcmul(distance_terms[s], dose_diff, dose_diff, value=inverse_tolerance_sq)
             if hopeful is None:
                 torch.minimum(active.best, shell_gamma_sq, out=active.best)
             else:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .case import Case, save_case
 from .constraints import PROSTATE, constraint_vector
 from .conventions import SDF_CLIP_MM, SDF_OUTSIDE, mask_to_sdf, normalize_ct
+from .fileio import non_folder_on_path
 from .structures import PROSTATE_STRUCTURES
 
 PHANTOM_VERSION = 1
@@ -524,8 +525,9 @@ def write_phantoms(folder, n: int, shape=(96, 96, 64), spacing_mm=(4.0, 4.0, 4.0
         raise ValueError(f"prefix must be a non-empty file-name prefix without slashes, got {prefix!r}")
     shape, spacing, seed = _check_shape(shape), _check_spacing(spacing_mm), _check_seed(seed)
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder}: exists and is not a folder (the phantoms' .npz files go into a folder)")
+    blocking = non_folder_on_path(folder)
+    if blocking is not None:
+        raise ValueError(f"{blocking}: exists and is not a folder (the phantoms' .npz files go into {folder})")
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in tqdm(range(int(n)), desc="phantoms", disable=not progress):

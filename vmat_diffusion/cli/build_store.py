@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..case import CaseFormatError, find_cases
+from ..fileio import non_folder_on_path
 from ..store import DEFAULT_CACHE_NAME, DEFAULT_THRESHOLDS, build_store
 
 
@@ -40,8 +41,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: no .npz case files in {data_dir}", file=sys.stderr)
         return 2
     store_dir = Path(args.store_dir) if args.store_dir else data_dir / DEFAULT_CACHE_NAME
-    if store_dir.exists() and not store_dir.is_dir():
-        print(f"error: STORE_DIR {store_dir} exists and is not a folder", file=sys.stderr)
+    blocking = non_folder_on_path(store_dir)
+    if blocking is not None:
+        print(f"error: STORE_DIR: {blocking} exists and is not a folder", file=sys.stderr)
         return 2
     try:
         report = build_store(data_dir, store_dir, thresholds=args.thresholds, force=args.force,

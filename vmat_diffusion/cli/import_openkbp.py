@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
+from ..fileio import non_folder_on_path
 from ..openkbp import find_openkbp_patients, import_openkbp
 
 
@@ -35,8 +35,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if n_found == 0:
         print(f"error: no OpenKBP patient folders (pt_*/ with ct.csv) under {args.src}", file=sys.stderr)
         return 2
-    if Path(args.dst).exists() and not Path(args.dst).is_dir():
-        print(f"error: DST {args.dst} exists and is not a folder (the case files go into a folder)", file=sys.stderr)
+    blocking = non_folder_on_path(args.dst)
+    if blocking is not None:
+        print(f"error: DST: {blocking} exists and is not a folder (the case files go into {args.dst})",
+              file=sys.stderr)
         return 2
     progress = not args.quiet and sys.stderr.isatty()
     report = import_openkbp(args.src, args.dst, force=args.force, progress=progress)

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ..case import Case, CaseFormatError, find_cases, load_case
 from ..dvh import dvh
-from ..fileio import atomic_write, atomic_write_json, atomic_write_text
+from ..fileio import atomic_write, atomic_write_json, atomic_write_text, non_folder_on_path
 from ..host_memory import keep_freed_memory
 from ..inference import (PRECISIONS, InferenceInputError, check_model, check_structures, flat_metrics,
                          case_metrics, predict_case, resolve_device, save_prediction, summarize_metrics,
@@ -159,9 +159,9 @@ def output_paths(args, case_ids: Sequence[str]) -> Dict[str, Path]:
     outputs = _output_paths(args, case_ids)
     flag = "--output" if args.output is not None else "--output_dir"
     for folder in {path.parent for path in outputs.values()}:
-        for part in (folder, *folder.parents):
-            if part.exists() and not part.is_dir():
-                raise InferenceInputError(f"{flag}: {part} exists and is not a folder")
+        blocking = non_folder_on_path(folder)
+        if blocking is not None:
+            raise InferenceInputError(f"{flag}: {blocking} exists and is not a folder")
     return outputs
 
 

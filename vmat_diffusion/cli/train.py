@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dose scale (Gy): the baseline regresses dose / rx_dose_gy")
     data.add_argument("--no_augment", dest="augment", action="store_false",
                       help="turn off the left-right flips and translations (augment=%(default)s unless given)")
+    data.add_argument("--augment", dest="augment", action="store_true", default=argparse.SUPPRESS,
+                      help="turn them on (the default; for --resume of a run trained with --no_augment)")
     data.add_argument("--cache_cases", action="store_true", help="keep the training and validation cases in RAM")
     data.add_argument("--store", dest="use_store", action="store_true",
                       help="read cases memory-mapped through the case store (built on first use)")
@@ -81,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--penalty_weight", type=float, default=d.penalty_weight, help="negative-dose penalty weight")
     opt.add_argument("--loss", choices=LOSSES, default=d.loss,
                      help="data term: mse (the guide's) or l1 (mean absolute error; baseline: dose/Rx, ddpm: noise)")
-    opt.add_argument("--loss_mask", default=d.loss_mask, metavar="EXTRA",
+    opt.add_argument("--loss_mask", default=d.loss_mask, metavar="EXTRA", type=_none_or_name,
                      help="average the data term over the voxels inside this case extra only, e.g. "
-                          "possible_dose_mask (OpenKBP); every case must have it. Default: all voxels")
+                          "possible_dose_mask (OpenKBP); every case must have it. Default (or 'none'): all voxels")
     opt.add_argument("--precision", choices=list(PRECISIONS) + list(PRECISION_ALIASES), default=d.precision,
                      help="auto: bf16 on GPUs with bf16 and on CPUs with AMX, fp16+GradScaler on older GPUs, "
                           "fp32 otherwise")
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--ema_decay", type=float, default=d.ema_decay, help="EMA decay")
     opt.add_argument("--patience", type=int, default=d.patience,
                      help="early stop after this many epochs without a better val MAE (0: never)")
-    opt.add_argument("--skip_nonfinite", action="store_true",
+    opt.add_argument("--skip_nonfinite", action=argparse.BooleanOptionalAction, default=d.skip_nonfinite,
                      help="skip steps with a NaN/Inf loss instead of stopping the run")
 
     val = p.add_argument_group("validation")
@@ -100,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--ddim_steps", type=int, default=d.ddim_steps, help="DDIM steps of the ddpm validation sample")
     val.add_argument("--gamma_subsample", type=int, default=d.gamma_subsample,
                      help="gamma is computed on every N-th voxel per axis")
-    val.add_argument("--max_val_cases", type=int, default=None, help="validate on at most this many cases")
+    val.add_argument("--max_val_cases", type=_none_or_count, default=None,
+                     help="validate on at most this many cases (0 or 'all': every validation case)")
     val.add_argument("--val_every", type=int, default=d.val_every,
                      help="validate every N epochs (the last epoch always validates)")
 
@@ -116,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--devices", type=int, default=d.devices, help="processes (GPUs) per machine")
     run.add_argument("--num_nodes", type=int, default=d.num_nodes, help="machines (multi-node: prints the torchrun line)")
     run.add_argument("--strategy", choices=STRATEGIES, default=d.strategy, help="ddp for several devices")
-    run.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPUs)")
+    run.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=d.deterministic,
+                     help="deterministic kernels (slower on GPUs)")
     run.add_argument("--gpu_cooling", action="store_true",
                      help="pause cooling_pause s every cooling_interval batches and epoch_pause s between epochs")
     run.add_argument("--cooling_interval", type=int, default=d.cooling_interval, help="batches between cooling pauses")
@@ -125,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="tqdm progress bars (default: only when output is a terminal)")
     return p
+
+
+def _none_or_name(text: str) -> Optional[str]:
+    return None if text.strip().lower() in ("", "none") else text
+
+
+def _none_or_count(text: str) -> Optional[int]:
+    if text.strip().lower() in ("all", "0"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of cases or 'all', got {text!r}") from None
 
 
 # Settings of the machine and of this invocation. With --resume they come from the command line
@@ -182,9 +199,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = config_from_args(args).validate()
     except ValueError as e:
         return _error(str(e))
-    if adopted and dist_utils.context_from_env().is_main:
-        print(f"{PROG}: resuming with the checkpoint's " + ", ".join(f"{n}={getattr(args, n)!r}" for n in adopted)
-              + " (flags given on the command line take precedence)", flush=True)
 
     wants_ddp = config.devices > 1 or config.num_nodes > 1
     if wants_ddp and not dist_utils.under_torchrun():
@@ -196,6 +210,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{PROG}: starting {config.devices} processes with:\n  {line}", flush=True)
         return dist_utils.launch_torchrun(argv, config.devices)
 
+    if adopted and dist_utils.context_from_env().is_main:
+        print(f"{PROG}: resuming with the checkpoint's " + ", ".join(f"{n}={getattr(args, n)!r}" for n in adopted)
+              + "; flags given on the command line win, except the model's (model, base_channels, levels, "
+              "timesteps, schedule, rx_dose_gy: always the checkpoint's)", flush=True)
     from ..training.loop import NonFiniteLossError, Trainer
     try:
         summary = Trainer(config).fit()

@@ -40,6 +40,8 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import List, Optional
 
+from ..fileio import non_folder_on_path
+
 MODELS = ("baseline", "ddpm")
 LOSSES = ("mse", "l1")
 SCHEDULES = ("cosine", "linear")
@@ -202,11 +204,10 @@ class TrainConfig:
             raise ValueError(f"ddim_steps: must not exceed timesteps ({self.timesteps}), got {self.ddim_steps}")
         if not self.exp_name or any(sep in self.exp_name for sep in ("/", "\\")):
             raise ValueError(f"exp_name: expected a plain folder name, got {self.exp_name!r}")
-        run_dir = Path(self.log_dir) / self.exp_name
-        for parent in (Path(self.log_dir), run_dir):
-            if parent.exists() and not parent.is_dir():
-                raise ValueError(f"log_dir: {parent} exists and is not a folder (runs are written to "
-                                 f"log_dir/exp_name/)")
+        blocking = non_folder_on_path(Path(self.log_dir) / self.exp_name)
+        if blocking is not None:
+            raise ValueError(f"log_dir: {blocking} exists and is not a folder (runs are written to "
+                             f"log_dir/exp_name/)")
         return self
 
 
