@@ -221,7 +221,7 @@ def test_resume_adopts_unset_flags_and_every_switch_can_be_turned_back(monkeypat
     from vmat_diffusion.training.config import TrainConfig
     saved = TrainConfig(data_dir="elsewhere", epochs=7, augment=False, deterministic=True, skip_nonfinite=True,
                         loss_mask="possible_dose_mask", max_val_cases=1, num_workers=5).to_dict()
-    monkeypatch.setattr(train_cli, "load_checkpoint", lambda path, map_location=None: {"config": saved})
+    monkeypatch.setattr(train_cli, "load_checkpoint", lambda path, map_location=None, mmap=False: {"config": saved})
 
     def resumed(*flags):
         argv = ["--data_dir", "cases", "--resume", "last.ckpt", *flags]

@@ -164,7 +164,8 @@ def given_settings(argv: Sequence[str]) -> Set[str]:
 def adopt_checkpoint_settings(args: argparse.Namespace, given: Set[str]) -> List[str]:
     """On --resume: the checkpoint's value of every setting not given (and not a machine setting);
     returns the names of the settings that changed. CheckpointError for an unreadable checkpoint."""
-    saved = load_checkpoint(args.resume, map_location="cpu").get("config") or {}
+    # mapped, not read: only the plain config is needed here (the Trainer reads the whole checkpoint)
+    saved = load_checkpoint(args.resume, map_location="cpu", mmap=True).get("config") or {}
     adopted = []
     for name, value in saved.items():
         if hasattr(args, name) and name not in given and name not in INVOCATION_SETTINGS \

@@ -151,8 +151,11 @@ def save_checkpoint(path, checkpoint: Dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> Dict[str, Any]:
     """Read a training checkpoint with ``torch.load(weights_only=True)``.
+
+    mmap: map the tensors' storage instead of reading it (cheap when only the plain values,
+    e.g. ``config``, are wanted).
 
     Raises CheckpointError naming the file when it is missing, not a PyTorch checkpoint,
     holds pickled Python objects (refused: unpickling can run arbitrary code), or is not a
@@ -167,7 +170,7 @@ def load_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
         raise CheckpointError(f"{path}: a numpy .npz archive (a case file?), not a checkpoint; expected "
                               "a .ckpt written by vmat-train (e.g. checkpoints/best.ckpt)")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "global" in str(e).lower():
             raise CheckpointError(f"{path}: holds non-tensor (pickled Python) objects, which are refused "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -32,6 +33,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..case import Case, CaseFormatError, find_cases, load_case
 from ..patches import PatchSampler
+
+
+def read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """float32 tensor sharing ``array``'s memory, also when that is read-only (the store's memory
+    maps: torch warns there, because writing to the tensor would fail; callers only read it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(np.asarray(array, dtype=np.float32))
 
 
 def derive_seed(*values: int) -> int:
@@ -269,7 +278,7 @@ class PatchDataset(Dataset):
         if self.augment:
             from ..augment import augment
             patches = [augment(patch, self.structures, rng) for patch in patches]
-        constraints = torch.tensor(np.asarray(case.constraints), dtype=torch.float32)  # a copy: store arrays are read-only
+        constraints = read_only_tensor(case.constraints)
         item = {
             "ct": torch.stack([p["ct"] for p in patches]),
             "masks_sdf": torch.stack([p["masks_sdf"] for p in patches]),

@@ -43,7 +43,6 @@ import os
 import random
 import sys
 import time
-import warnings
 import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -68,8 +67,8 @@ from .checkpoint import (FORMAT_VERSION, CheckpointError, best_checkpoint_name, 
                          load_checkpoint, restore_rng_state, save_checkpoint, strip_module_prefix, to_plain)
 from .config import TrainConfig
 from .data import (CaseCatalog, CaseReader, CaseSplit, EpochSampler, PatchDataset, check_same_channels, derive_seed,
-                   make_train_loader, micro_batches, micro_batches_per_epoch, scan_cases, select_cases, split_cases,
-                   split_with_validation)
+                   make_train_loader, micro_batches, micro_batches_per_epoch, read_only_tensor, scan_cases,
+                   select_cases, split_cases, split_with_validation)
 from .ema import EMA, unwrap_model
 from .losses import Objective, autocast_context, noise_loss, regression_loss
 from .run_logs import RunLog, count_parameters, environment_info, slice_panel, utc_now
@@ -293,20 +292,12 @@ def _case_tensors(case: Case, device) -> Tuple[torch.Tensor, torch.Tensor, torch
     """(condition (1, 1 + S, X, Y, Z), constraints (1, K), dose Gy (1, 1, X, Y, Z)) on ``device``.
 
     Only read, never written: so the store's read-only memory maps are used without a copy."""
-    ct = _read_only_tensor(case.ct)[None, None]
-    sdf = _read_only_tensor(case.masks_sdf)[None]
+    ct = read_only_tensor(case.ct)[None, None]
+    sdf = read_only_tensor(case.masks_sdf)[None]
     condition = torch.cat([ct, sdf], dim=1).to(device)
-    constraints = _read_only_tensor(case.constraints)[None].to(device)
-    dose = _read_only_tensor(case.dose)[None, None].to(device)
+    constraints = read_only_tensor(case.constraints)[None].to(device)
+    dose = read_only_tensor(case.dose)[None, None].to(device)
     return condition, constraints, dose
-
-
-def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
-    """float32 tensor sharing ``array``'s memory, also when that is read-only (a memory-mapped
-    store: torch warns there, because writing to the tensor would fail; callers only read)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.as_tensor(np.asarray(array, dtype=np.float32))
 
 
 @torch.no_grad()
@@ -659,9 +650,8 @@ class Trainer:
         cfg = self.config
         start = self.run_start = time.time()
         early_stopped, stop_reason = False, "max epochs"
-        n_val = len(self.split.val)
-        validating = str(n_val) if cfg.max_val_cases is None or cfg.max_val_cases >= n_val \
-            else f"the first {cfg.max_val_cases} of {n_val} (--max_val_cases)"
+        n_val, n_validated = len(self.val_reader), self._validated_count()
+        validating = str(n_val) if n_validated == n_val else f"the first {n_validated} of {n_val} (--max_val_cases)"
         self._say(f"training {type(self.model).__name__} ({count_parameters(self.model)['total_parameters']:,} "
                   f"parameters) on {len(self.split.train)} cases, validating on {validating}; "
                   f"{self.micro_per_epoch} batches/epoch, precision {precision_name(self.autocast_dtype)}, "
@@ -759,11 +749,15 @@ class Trainer:
         total, count = dist_utils.all_reduce_sum([sum(losses), len(losses)], self.device)
         return total / count if count else None
 
+    def _validated_count(self) -> int:
+        """How many validation cases (the first ones) each validation runs on (--max_val_cases)."""
+        n_val = len(self.val_reader)
+        return n_val if self.config.max_val_cases is None else min(self.config.max_val_cases, n_val)
+
     def _validate(self) -> ValidationResult:
         cfg = self.config
         model = self.ema.module if self.ema is not None else self.model
-        n_val = len(self.val_reader) if cfg.max_val_cases is None else min(cfg.max_val_cases, len(self.val_reader))
-        mine = list(range(n_val))[self.dist.rank::self.dist.world_size]
+        mine = list(range(self._validated_count()))[self.dist.rank::self.dist.world_size]
         cases = (self.val_reader[i] for i in mine)
         result = validate(model, cases, self.objective, patch_size=cfg.patch_size, overlap=cfg.overlap,
                           device=self.device, autocast_dtype=self.autocast_dtype,
