@@ -126,6 +126,84 @@ def test_bad_metadata(tmp_path, change, message):
     assert info.value.key == "metadata"
 
 
+def _sdf_channel(values):
+    """tiny_case's masks_sdf with channel 3 (Rectum) replaced by ``values``."""
+    sdf = tiny_case().masks_sdf.copy()
+    sdf[3] = values
+    return sdf
+
+
+def test_sdf_channels_that_are_absent_or_outside_everywhere_load(tmp_path):
+    absent = _sdf_channel(2.0)              # SDF_ABSENT: not contoured
+    absent[4] = 1.0                          # SDF_OUTSIDE everywhere is a valid (empty) SDF
+    path = write_npz(tmp_path / "ok.npz", **arrays_of(tiny_case(), masks_sdf=absent))
+    assert load_case(path).present_structures() == [n for i, n in enumerate(PROSTATE_STRUCTURES) if i not in (3, 4)]
+
+
+binary = np.zeros(SHAPE, np.float32)
+binary[1:3, 1:3, 1:3] = 1.0
+partly_absent = np.full(SHAPE, 2.0, np.float32)
+partly_absent[0] = -0.5
+
+
+@pytest.mark.parametrize("values, words", [
+    (binary, r"values in \[0, 1\] \(smallest value exactly 0: a binary 0/1 mask"),
+    (binary * 255, r"values in \[0, 255\]"),
+    (partly_absent, r"values in \[-0.5, 2\]"),
+    (-3.0 * binary - 0.5, r"values in \[-3.5, -0.5\]"),            # SDF in another scale
+])
+def test_sdf_values_outside_the_convention_are_refused(tmp_path, values, words):
+    path = write_npz(tmp_path / "bad.npz", **arrays_of(tiny_case(), masks_sdf=_sdf_channel(values)))
+    with pytest.raises(CaseFormatError, match=rf"bad\.npz, key 'masks_sdf': channel 3 \('Rectum'\) has {words}") as info:
+        load_case(path)
+    assert "mask_to_sdf(mask, spacing_mm)" in str(info.value)
+    with pytest.raises(CaseFormatError, match="channel 3"):
+        save_case(tmp_path / "out.npz", tiny_case(masks_sdf=_sdf_channel(values)))
+
+
+@pytest.mark.parametrize("extra, words", [
+    (np.ones((3, 3, 3), np.uint8), r"shape \(3, 3, 3\) differs from ct \(6, 5, 4\)"),
+    (np.array(["a", "b"]), r"extra arrays must be numeric .* got dtype <U1"),
+    (np.array([b"a"]), r"extra arrays must be numeric .* got dtype \|S1"),
+])
+def test_extras_must_be_numeric_and_on_the_ct_grid(tmp_path, extra, words):
+    path = write_npz(tmp_path / "bad.npz", **arrays_of(tiny_case(), possible_dose_mask=extra))
+    with pytest.raises(CaseFormatError, match=rf"bad\.npz, key 'possible_dose_mask': {words}"):
+        load_case(path)
+    fine = write_npz(tmp_path / "fine.npz", **arrays_of(tiny_case(), spacing_hint=np.ones(7, np.float64)))
+    assert load_case(fine).extras["spacing_hint"].shape == (7,)  # only 3-D extras must match the CT
+
+
+def test_numpy_values_in_metadata_are_written_as_json(tmp_path):
+    meta = dict(tiny_case().metadata, seed=np.int64(3), spacing_mm=np.array([2.0, 2.0, 3.0]),
+                nested={"scale": np.float32(1.5), "ids": [np.int8(1), np.array([2, 3])]})
+    back = load_case(save_case(tmp_path / "c.npz", tiny_case(metadata=meta)))
+    assert back.metadata["seed"] == 3 and type(back.metadata["seed"]) is int
+    assert back.metadata["nested"] == {"scale": 1.5, "ids": [1, [2, 3]]}
+    with pytest.raises(CaseFormatError, match=r"key 'metadata': field 'when' cannot be written as JSON"):
+        save_case(tmp_path / "bad.npz", tiny_case(metadata=dict(meta, when=object())))
+
+
+def test_readme_recipe_converts_pickled_metadata_with_numpy_values(tmp_path):
+    meta = dict(tiny_case().metadata, spacing_mm=np.array([2.0, 2.0, 3.0]), n_fractions=np.int64(28),
+                origin_mm=np.array([-250.0, -250.0, 100.0]))
+    obj = np.empty((), dtype=object)
+    obj[()] = meta
+    path = write_npz(tmp_path / "old.npz", **arrays_of(tiny_case(), metadata=obj))
+    save_case(path, load_case(path, allow_pickle=True))        # the README's one-off conversion
+    back = load_case(path)
+    assert back.metadata["n_fractions"] == 28 and back.metadata["origin_mm"] == [-250.0, -250.0, 100.0]
+
+
+def test_metadata_as_utf8_bytes_is_read(tmp_path):
+    text = json.dumps(dict(tiny_case().metadata, case_id="c\u00e9"))
+    path = write_npz(tmp_path / "b.npz", **arrays_of(tiny_case(), metadata=np.array(text.encode("utf-8"))))
+    assert load_case(path).case_id == "c\u00e9"
+    path = write_npz(tmp_path / "bad.npz", **arrays_of(tiny_case(), metadata=np.array(b"{\xff}")))
+    with pytest.raises(CaseFormatError, match="key 'metadata': bytes are not UTF-8"):
+        load_case(path)
+
+
 def test_metadata_not_json(tmp_path):
     path = write_npz(tmp_path / "bad.npz", **arrays_of(tiny_case(), metadata=np.array("{not json")))
     with pytest.raises(CaseFormatError, match="key 'metadata': is not valid JSON"):

@@ -5,7 +5,7 @@ import torch
 from scipy import ndimage
 
 from vmat_diffusion import conventions as cv
-from vmat_diffusion.constraints import HEAD_NECK, PROSTATE, constraint_vector, site_for_structures
+from vmat_diffusion.constraints import HEAD_NECK, PROSTATE, UnknownSiteError, constraint_vector, site_for_structures
 from vmat_diffusion.structures import (HEAD_NECK_STRUCTURES, PROSTATE_STRUCTURES, lateral_partner,
                                        left_right_pairs, lr_channel_permutation)
 
@@ -88,3 +88,13 @@ def test_head_neck_constraint_vector_and_site_lookup():
     np.testing.assert_allclose(vec[:3], [1.0, 0.0, 0.8])
     assert site_for_structures(HEAD_NECK_STRUCTURES) is HEAD_NECK
     assert site_for_structures(PROSTATE_STRUCTURES) is PROSTATE
+
+
+def test_site_lookup_by_containment_and_its_errors():
+    assert site_for_structures(["Mandible", "PTV70", "Brainstem"]) is HEAD_NECK       # subset, any order
+    assert site_for_structures(list(PROSTATE_STRUCTURES) + ["SpinalCord"]) is PROSTATE  # its cord goal
+    with pytest.raises(UnknownSiteError, match=r"\['Rectum', 'Larynx'\] fit no site \(prostate lacks \['Larynx'\]; "
+                                               r"head_neck lacks \['Rectum'\]\); known sites"):
+        site_for_structures(["Rectum", "Larynx"])
+    with pytest.raises(ValueError, match=r"\['PTV70'\] fit more than one site \(prostate, head_neck\).*site="):
+        site_for_structures(["PTV70"])

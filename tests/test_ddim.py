@@ -181,6 +181,18 @@ def test_bad_arguments(schedule, kwargs):
         DDIMSampler(schedule, **kwargs)
 
 
+@pytest.mark.parametrize("eta", [1.5, 1.0 + 1e-9, -0.1, float("nan"), float("inf"), "x", None])
+def test_eta_outside_0_1_is_rejected_naming_eta(schedule, eta):
+    # eta > 1 would give sigma^2 > 1 - alpha_bar_prev: more noise than the timestep holds
+    with pytest.raises(ValueError, match="eta must be a number in \\[0, 1\\]"):
+        DDIMSampler(schedule, eta=eta)
+
+
+@pytest.mark.parametrize("eta", [0, 0.0, 0.5, 1, 1.0])
+def test_eta_in_0_1_is_accepted(schedule, eta):
+    assert DDIMSampler(schedule, eta=eta).eta == float(eta)
+
+
 def test_samples_with_an_untrained_simple_unet(schedule):
     from vmat_diffusion.unet import SimpleUNet3D
 

@@ -140,7 +140,9 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="empty mask"):
         dvh_metrics(dose, np.zeros_like(mask), SPACING)
     with pytest.raises(ValueError, match="empty mask.*SDF"):
-        dvh(dose, np.ones(mask.shape, np.float32), SPACING)  # a 0/1 float mask read as SDF: empty
+        dvh(dose, np.full(mask.shape, 0.5, np.float32), SPACING)  # an SDF with no voxel inside
+    with pytest.raises(ValueError, match="mask: every value is 1.0, which is ambiguous.*pass a boolean mask"):
+        dvh(dose, np.ones(mask.shape, np.float32), SPACING)  # a 0/1 mask of all voxels, or an SDF far outside
     with pytest.raises(ValueError, match="mask: shape"):
         volume_receiving(dose, mask[:3], SPACING, 5)
     with pytest.raises(ValueError, match="spacing_mm"):

@@ -13,7 +13,8 @@ import torch
 from vmat_diffusion.case import Case, load_case, save_case
 from vmat_diffusion.cli.infer import main
 from vmat_diffusion.inference import (InferenceInputError, Prediction, case_metrics, flat_metrics,
-                                      load_prediction, predict_case, save_prediction, summarize_metrics)
+                                      load_prediction, predict_case, save_prediction, summarize_metrics,
+                                      window_settings)
 from vmat_diffusion.phantom import make_phantom, write_phantoms
 from vmat_diffusion.structures import PROSTATE_STRUCTURES
 from vmat_diffusion.training import TrainConfig, Trainer
@@ -276,6 +277,22 @@ def test_cli_bad_input_exits_2_with_one_message(problem, data_dir, checkpoints, 
     assert not out.exists() or not list(out.glob("*_pred.npz"))  # nothing predicted before the error
 
 
+@pytest.mark.parametrize("kind, overrides, expected", [
+    ("ddpm", dict(schedule={"timesteps": "fifty", "schedule": "cosine"}), "'schedule' must be {timesteps: int"),
+    ("ddpm", dict(schedule={"timesteps": 50, "schedule": "sigmoid"}), "'sigmoid'"),
+    ("baseline", dict(config={"patch_size": [16, 16, 16]}), "'config.patch_size': expected a positive integer"),
+    ("baseline", dict(config={"patch_size": "16"}), "'config.patch_size': expected a positive integer"),
+])
+def test_cli_malformed_checkpoint_entry_exits_2_with_one_message(kind, overrides, expected, data_dir, tmp_path,
+                                                                 capsys):
+    checkpoint = _write_checkpoint(tmp_path / "bad.ckpt", kind, **overrides)
+    code = main(["--checkpoint", str(checkpoint), "--input", str(_case_files(data_dir)[0]), "--output_dir",
+                 str(tmp_path / "out"), "--ddim_steps", "2", "--quiet", "--no_plots"])
+    assert code == 2
+    message = _error_message(capsys)
+    assert message.startswith("error: checkpoint: ") and expected in message
+
+
 # ----------------------------------------------------------------------------- library
 
 def test_predict_case_baseline_is_the_scaled_network_output(data_dir, checkpoints):
@@ -313,6 +330,38 @@ def test_predict_case_rejects_bad_settings(data_dir, checkpoints):
     case.metadata["structures"] = list(reversed(case.structures))
     with pytest.raises(InferenceInputError, match="another channel order"):
         predict_case(model, info, case, patch_size=PATCH, overlap=4)
+
+
+def test_predict_case_default_window_is_the_clis(data_dir, tmp_path, capsys):
+    # The checkpoint trained on PATCH^3 patches: both routes use PATCH and PATCH // 4 unless told otherwise.
+    checkpoint = _write_checkpoint(tmp_path / "baseline.ckpt", "baseline")
+    case_path = _case_files(data_dir)[0]
+    assert main(["--checkpoint", str(checkpoint), "--input", str(case_path), "--output_dir", str(tmp_path),
+                 "--device", "cpu", "--quiet", "--no_plots"]) == 0, capsys.readouterr().err
+    case = load_case(case_path)
+    from_cli = load_prediction(tmp_path / f"{case.case_id}_pred.npz")
+    model, info = load_model_from_checkpoint(checkpoint)
+    prediction = predict_case(model, info, case)
+    assert (prediction.metadata["patch_size"], prediction.metadata["overlap"]) == (PATCH, PATCH // 4)
+    assert (from_cli.metadata["patch_size"], from_cli.metadata["overlap"]) == (PATCH, PATCH // 4)
+    np.testing.assert_array_equal(prediction.dose_gy, from_cli.dose_gy)
+    explicit = predict_case(model, info, case, patch_size=8, overlap=2)  # explicit values still win
+    assert (explicit.metadata["patch_size"], explicit.metadata["overlap"]) == (8, 2)
+
+
+def test_window_settings_fall_back_to_128_and_a_quarter_overlap():
+    assert window_settings({"config": {}}) == (128, 32)
+    assert window_settings({}) == (128, 32)
+    assert window_settings({"config": {"patch_size": 48}}) == (48, 12)
+    assert window_settings({"config": {"patch_size": 48}}, overlap=0) == (48, 0)
+    assert window_settings({"config": {"patch_size": 48}}, patch_size=16) == (16, 4)
+
+
+def test_predict_case_rejects_eta_outside_0_1(data_dir, tmp_path):
+    model, info = load_model_from_checkpoint(_write_checkpoint(tmp_path / "ddpm.ckpt", "ddpm"))
+    case = load_case(_case_files(data_dir)[0])
+    with pytest.raises(InferenceInputError, match=r"eta must be a number in \[0, 1\]"):
+        predict_case(model, info, case, ddim_steps=2, eta=1.5)
 
 
 def test_prediction_file_round_trip(tmp_path):
@@ -359,3 +408,38 @@ def test_summarize_metrics_mean_sd_and_missing_values():
     assert summary["mean"]["mae_gy"] == 2.0 and summary["sd"]["mae_gy"] == pytest.approx(np.sqrt(2.0))
     assert summary["mean"]["dvh_score"] == 2.0 and summary["sd"]["dvh_score"] is None
     assert summary["n"]["dvh_score"] == 1
+
+
+def _rename_structures(case, case_id):
+    """``case`` with every structure renamed (no site's table knows them) and no metadata 'site'."""
+    case.metadata.update(case_id=case_id, structures=[f"Organ{i}" for i in range(len(case.structures))])
+    case.metadata.pop("site", None)
+    return case
+
+
+def test_case_metrics_without_a_fitting_site_records_no_goals():
+    case = make_phantom("custom", shape=SHAPE, spacing_mm=SPACING, seed=3)
+    assert case_metrics(case.dose, case, compute_gamma=False)["goals_site"] == "prostate"  # metadata 'site'
+    metrics = case_metrics(case.dose * 1.1, _rename_structures(case, "custom"), compute_gamma=False)
+    assert (metrics["goals_site"], metrics["goals"], metrics["goals_agree"], metrics["goals_total"]) == (None,) * 4
+    assert metrics["dvh_score"] > 0.0 and len(metrics["dvh_metrics"]) == len(case.structures)
+    json.dumps(metrics)
+
+
+def test_cli_metrics_of_cases_without_a_fitting_site_note_it_once(data_dir, tmp_path, capsys):
+    names = [f"Organ{i}" for i in range(len(PROSTATE_STRUCTURES))]
+    checkpoint = _write_checkpoint(tmp_path / "custom.ckpt", "baseline", structures=names)
+    cases = tmp_path / "cases"
+    for i, path in enumerate(_case_files(data_dir)[:2]):
+        save_case(cases / f"c{i}.npz", _rename_structures(load_case(path), f"c{i}"))
+    out = tmp_path / "out"
+    code = main(["--checkpoint", str(checkpoint), "--input_dir", str(cases), "--output_dir", str(out),
+                 "--compute_metrics", "--gamma_subsample", "4", "--no_plots", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.count("clinical goals not checked") == 1 and "set metadata 'site'" in err
+    report = json.loads((out / "metrics.json").read_text())
+    assert [(c["goals_site"], c["goals"], c["goals_total"]) for c in report["cases"]] == [(None, None, None)] * 2
+    assert "goals_total" not in report["summary"]["mean"]
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [row["goals_total"] for row in rows] == ["", "", "", ""]      # c0, c1, mean, sd

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from vmat_diffusion.case import Case
-from vmat_diffusion.constraints import PROSTATE, constraint_vector
+from vmat_diffusion.constraints import HEAD_NECK, PROSTATE, constraint_vector
 from vmat_diffusion.conventions import mask_to_sdf
 from vmat_diffusion.metrics import (compare_goals, dose_score, dvh_score, dvh_score_details, dvh_table,
                                     evaluate_goals, mae_gy, masks_from_case)
-from vmat_diffusion.structures import PROSTATE_STRUCTURES
+from vmat_diffusion.phantom import make_phantom
+from vmat_diffusion.structures import HEAD_NECK_STRUCTURES, PROSTATE_STRUCTURES
 
 
 # ----------------------------------------------------------------------------- MAE, dose score
@@ -101,6 +102,35 @@ def test_dvh_score_targets_override_and_sdf_masks():
     assert [r["metric"] for r in rows if r["structure"] == "Rectum"] == ["D99", "D95", "D1"]
     rows = dvh_score_details(pred, ref, masks, SPACING, targets=[])
     assert [r["metric"] for r in rows if r["structure"] == "PTV70"] == ["D0.1cc", "Dmean"]
+
+
+def test_dvh_score_targets_given_as_one_name():
+    pred, ref, masks = two_structure_case()
+    rows = dvh_score_details(pred, ref, masks, SPACING, targets="PTV70")   # one name, not its letters
+    assert rows == dvh_score_details(pred, ref, masks, SPACING, targets=["PTV70"])
+    assert [r["metric"] for r in rows if r["structure"] == "PTV70"] == ["D99", "D95", "D1"]
+
+
+def test_float_01_masks_score_as_boolean_masks():
+    """0/1 float masks (as OpenKBP's own loader makes them) are masks, not SDFs with nothing inside."""
+    case = make_phantom("f01", shape=(32, 32, 32), spacing_mm=(8.0, 8.0, 8.0), seed=2)
+    pred, ref, spacing = case.dose * 1.05, case.dose, case.spacing_mm
+    masks = masks_from_case(case)
+    floats = {name: mask.astype(np.float64) for name, mask in masks.items()}
+    possible = case.extras["possible_dose_mask"] != 0
+    goals = evaluate_goals(pred, masks, spacing)
+    assert goals and evaluate_goals(pred, floats, spacing) == goals
+    assert dvh_table(pred, floats, spacing) == dvh_table(pred, masks, spacing)
+    details = dvh_score_details(pred, ref, masks, spacing, possible_dose_mask=possible)
+    assert len(details) == 2 * 3 + 6 * 2    # PTV70, PTV56: D99, D95, D1; six OARs: D0.1cc, Dmean
+    assert dvh_score_details(pred, ref, floats, spacing, possible_dose_mask=possible) == details
+    assert mae_gy(pred, ref, floats["PTV70"]) == mae_gy(pred, ref, masks["PTV70"])
+    assert mae_gy(pred, ref, possible.astype(np.float32)) == mae_gy(pred, ref, possible)
+    all_ones = np.ones(ref.shape)
+    with pytest.raises(ValueError, match=r"masks\['Bowel'\]: every value is 1.0, which is ambiguous.*boolean"):
+        evaluate_goals(pred, dict(floats, Bowel=all_ones), spacing)
+    with pytest.raises(ValueError, match="mask: every value is 1.0, which is ambiguous"):
+        mae_gy(pred, ref, all_ones)
 
 
 def openkbp_transcription(pred, ref, masks, spacing, possible, targets):
@@ -261,6 +291,55 @@ def test_goal_inputs_are_checked():
         evaluate_goals(dose, masks, GOAL_SPACING, site="lung")
     with pytest.raises(TypeError, match="case_or_masks"):
         evaluate_goals(dose, [masks["Rectum"]], GOAL_SPACING)
+
+
+def slab_masks(names, shape=(10, 10, 10)):
+    """Structure i of ``names`` is the slab x == i."""
+    masks = {}
+    for i, name in enumerate(names):
+        masks[name] = np.zeros(shape, dtype=bool)
+        masks[name][i] = True
+    return masks
+
+
+def test_goal_site_from_a_subset_of_a_site_in_any_order():
+    dose = np.full((10, 10, 10), 30.0, dtype=np.float32)
+    masks = slab_masks([n for n in reversed(HEAD_NECK_STRUCTURES) if n != "Larynx"])
+    rows = evaluate_goals(dose, masks, GOAL_SPACING)
+    assert [r["goal"] for r in rows] == [g.name for g in HEAD_NECK.goals if g.structures != ("Larynx",)]
+    assert rows == evaluate_goals(dose, masks, GOAL_SPACING, site="head_neck")
+    assert len(compare_goals(dose, dose, masks, GOAL_SPACING)) == len(rows)
+
+
+def test_goal_site_from_case_metadata():
+    """PTV70 and SpinalCord appear in both tables (prostate's cord goal), so only the metadata can tell."""
+    masks = slab_masks(["PTV70", "SpinalCord"])
+    dose = np.full((10, 10, 10), 30.0, dtype=np.float32)
+
+    def case(**extra_metadata):
+        return Case(ct=np.zeros(dose.shape, np.float32), dose=dose,
+                    masks_sdf=np.stack([mask_to_sdf(m, GOAL_SPACING) for m in masks.values()]),
+                    constraints=np.zeros(3, np.float32), metadata=dict(
+                        case_id="site", structures=list(masks), spacing_mm=list(GOAL_SPACING), rx_dose_gy=70.0,
+                        **extra_metadata)).validate()
+
+    assert [r["goal"] for r in evaluate_goals(dose, case(site="head_neck"))] == ["SpinalCord Dmax<45Gy"]
+    assert [r["goal"] for r in evaluate_goals(dose, case(site="prostate"))] == ["Cord Dmax<45Gy"]
+    for unnamed in (case(), case(site="lung")):
+        with pytest.raises(ValueError, match=r"\['PTV70', 'SpinalCord'\] fit more than one site \(prostate, "
+                                             r"head_neck\).*pass site="):
+            evaluate_goals(dose, unnamed)
+
+
+def test_unknown_structures_raise_naming_them_and_the_sites():
+    dose = np.full((10, 10, 10), 30.0, dtype=np.float32)
+    masks = slab_masks(["PTV70", "Lung_L"])
+    for score in (lambda: evaluate_goals(dose, masks, GOAL_SPACING),
+                  lambda: compare_goals(dose, dose, masks, GOAL_SPACING)):
+        with pytest.raises(ValueError, match=r"structures \['PTV70', 'Lung_L'\] fit no site \(prostate lacks "
+                                             r"\['Lung_L'\]; head_neck lacks \['Lung_L'\]\); known sites: "
+                                             r"\['prostate', 'head_neck'\].*pass site="):
+            score()
 
 
 # ----------------------------------------------------------------------------- real OpenKBP patient

@@ -117,6 +117,8 @@ def test_sparse_header_only_is_empty(tmp_path):
     (",data\n1,2.0\n2,\n", 3, "empty value"),
     (",data\n1,\n2,5\n", 3, "in a mask file"),
     (",data\n1,\n2,\n3\n", 4, "expected '<index>,<value>'"),
+    (",data\n5,1.0\n7,2.0\n7,3.0\n", 4, "strictly increasing"),     # a voxel listed twice
+    (",data\n5,\n9,\n\n6,\n", 5, "strictly increasing"),             # out of order (blank line counted)
 ])
 def test_malformed_sparse_csv_names_file_and_line(tmp_path, content, line, words):
     path = tmp_path / "bad.csv"
@@ -126,6 +128,22 @@ def test_malformed_sparse_csv_names_file_and_line(tmp_path, content, line, words
     message = str(info.value)
     assert "bad.csv" in message and f"line {line}" in message and words in message
     assert info.value.line == line
+
+
+def test_mask_line_with_trailing_whitespace_is_an_empty_value(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text(",data\n5, \n6,\t\r\n9,")
+    indices, values = read_sparse_csv(path)
+    assert indices.tolist() == [5, 6, 9] and values is None
+
+
+@pytest.mark.parametrize("name", ["dose.csv", "possible_dose_mask.csv"])
+def test_dose_or_possible_dose_file_listing_no_voxel_is_an_error(tmp_path, fake_src, name):
+    src, _ = fake_src
+    folder = copy_patient(src / "train-pats" / "pt_1", tmp_path / "pt_1")
+    (folder / name).write_text(",data\n")
+    with pytest.raises(OpenKBPFormatError, match=f"{name}: lists no voxel"):
+        read_openkbp_patient(folder)
 
 
 def test_missing_required_file_is_named(tmp_path, fake_src):

@@ -192,11 +192,27 @@ def test_volume_args_pass_each_windows_own_rows():
     torch.testing.assert_close(result, volume + offsets[:, None, None, None, None], rtol=1e-6, atol=1e-6)
 
 
-def test_input_volume_is_not_modified():
-    volume = random_volume(1, 2, (12, 14, 5))
+# (12, 14, 5) / 8: every window padded along Z (a copy); batch 3: stacked copies.
+@pytest.mark.parametrize("spatial,batch_size", [((12, 14, 5), 1), ((12, 14, 5), 3), ((12, 12, 12), 3)])
+def test_in_place_predictor_on_copied_windows_changes_nothing(spatial, batch_size):
+    volume = random_volume(1, 2, spatial)
     original = volume.clone()
-    sliding_window_inference(volume, lambda w: w.mul_(3), patch_size=8, overlap=2)
+    result = sliding_window_inference(volume, lambda w: w.mul_(3), patch_size=8, overlap=2, batch_size=batch_size)
     assert torch.equal(volume, original)
+    expected = sliding_window_inference(volume, lambda w: w * 3, patch_size=8, overlap=2, batch_size=batch_size)
+    assert torch.equal(result, expected)
+
+
+def test_in_place_predictor_on_a_view_of_the_volume_is_an_error():
+    # (12, 12, 12) / 8, batch 1: unpadded windows are views of the volume (no copy)
+    volume = random_volume(1, 2, (12, 12, 12))
+    with pytest.raises(ValueError, match="predictor: it modified its input window in place"):
+        sliding_window_inference(volume, lambda w: w.mul_(3), patch_size=8, overlap=2)
+    with torch.inference_mode():  # no version counter there: windows are copied instead
+        frozen = random_volume(1, 2, (12, 12, 12))
+        result = sliding_window_inference(frozen, lambda w: w.mul_(3), patch_size=8, overlap=2)
+        assert torch.equal(frozen, random_volume(1, 2, (12, 12, 12)))
+        torch.testing.assert_close(result, frozen * 3)
 
 
 # ------------------------------------------------------------------ precision
@@ -244,6 +260,11 @@ def test_wrong_volume_ndim_is_rejected_naming_the_shape():
 def test_predictor_with_wrong_output_shape_is_rejected():
     with pytest.raises(ValueError, match="predictor"):
         sliding_window_inference(random_volume(1, 1, (12, 12, 12)), lambda w: w[..., :4], patch_size=8, overlap=2)
+
+
+def test_empty_batch_of_volumes_is_rejected_naming_b():
+    with pytest.raises(ValueError, match=r"volume must hold at least one volume \(B >= 1"):
+        sliding_window_inference(torch.zeros(0, 1, 12, 12, 12), lambda w: w, patch_size=8, overlap=2)
 
 
 def test_bad_batch_size_and_volume_args_are_rejected():
@@ -426,3 +447,29 @@ def test_predict_full_volume_rejects_bad_arguments():
         predict_full_volume(tiny_unet(), condition, constraints[:1], SCHEDULE, patch_size=8, overlap=4)
     with pytest.raises(ValueError, match="condition"):
         predict_full_volume(tiny_unet(), condition[0], constraints, SCHEDULE, patch_size=8, overlap=4)
+    with pytest.raises(ValueError, match=r"condition must hold at least one volume \(B >= 1"):
+        predict_full_volume(tiny_unet(), condition[:0], constraints[:0], SCHEDULE, patch_size=8, overlap=4)
+    with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\]"):
+        predict_full_volume(tiny_unet(), condition, constraints, SCHEDULE, patch_size=8, overlap=4, eta=1.5)
+
+
+@pytest.mark.parametrize("mode", ["synchronous", "per_window"])
+def test_in_place_noise_model_never_gives_a_silently_wrong_sample(mode):
+    # (12, 12, 12) / 8: unpadded windows, which synchronous mode slices from its [x_t, condition] buffer
+    condition, constraints = tiny_inputs((12, 12, 12), batch=1)
+    original = condition.clone()
+    model = tiny_unet()
+
+    def run(noise_model):
+        return predict_full_volume(noise_model, condition, constraints, SCHEDULE, patch_size=8, overlap=4,
+                                   ddim_steps=2, mode=mode, generator=torch.Generator().manual_seed(0))
+
+    def in_place(x, t, c):
+        return model(x.mul_(1.5), t, c)
+
+    if mode == "synchronous":  # its windows are views of the [x_t, condition] buffer: an error, not a wrong sample
+        with pytest.raises(ValueError, match="modified its input window in place"):
+            run(in_place)
+    else:
+        assert torch.equal(run(in_place), run(lambda x, t, c: model(x * 1.5, t, c)))
+    assert torch.equal(condition, original)

@@ -116,6 +116,33 @@ def test_failed_build_leaves_no_half_case(data_dir, tmp_path, monkeypatch):
     assert np.array_equal(CaseStore(store_dir).open("case_0").masks_sdf, good)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd to name fsynced files")
+def test_every_file_of_a_case_folder_is_fsynced_before_the_rename(data_dir, tmp_path, monkeypatch):
+    fsynced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        fsynced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    report = build_store([data_dir / "case_0.npz"], tmp_path / "store", progress=False)
+    names = sorted(p.name for p in report.case_dirs[0].iterdir())
+    assert {"metadata.json", "source.json", "ct.npy"} <= set(names)
+    for name in names:  # written in place, or as the atomic writer's temporary ".<name>.*.tmp"
+        assert any(f == name or f.startswith(f".{name}.") for f in fsynced), name
+
+
+def test_corrupt_metadata_json_names_the_file(data_dir, tmp_path):
+    build_store(data_dir, tmp_path / "store", progress=False)
+    path = tmp_path / "store" / "case_1" / "metadata.json"
+    for text in ("", "[1, 2]"):
+        path.write_text(text)
+        for read in (lambda: CaseStore(tmp_path / "store"), lambda: open_store_case(path.parent)):
+            with pytest.raises(CaseFormatError, match=r"case_1/metadata\.json: .*rebuild this case"):
+                read()
+
+
 def test_bad_case_file_is_refused(data_dir, tmp_path):
     (data_dir / "broken.npz").write_bytes(b"not a zip")
     with pytest.raises(CaseFormatError, match="broken.npz"):

@@ -197,7 +197,13 @@ def test_multi_node_prints_the_torchrun_line(phantom_dir, capsys):
 
 def test_quick_demo_learns_something(tmp_path, capsys):
     from vmat_diffusion.cli.demo import run_demo
+    # an earlier, larger demo in the same folder: its extra phantom and its run must not be reused
+    (tmp_path / "demo" / "phantoms").mkdir(parents=True)
+    (tmp_path / "demo" / "phantoms" / "phantom_009.npz").write_bytes(b"from an earlier demo")
+    (tmp_path / "demo" / "runs" / "demo" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "demo" / "runs" / "demo" / "checkpoints" / "last.ckpt").write_bytes(b"earlier run")
     result = run_demo(tmp_path / "demo", epochs=1, quick=True)
+    assert not (tmp_path / "demo" / "phantoms" / "phantom_009.npz").exists()
     assert result["model_mae_gy"] < result["trivial_mae_gy"]
     assert (tmp_path / "demo" / "runs" / "demo" / "training_summary.json").is_file()
     assert "held-out phantom" in capsys.readouterr().out

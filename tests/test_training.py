@@ -1,4 +1,5 @@
 """Training pieces: split, seeded patches, losses, train_step, EMA, validation, NaN guard, early stop."""
+import csv
 import math
 
 import pytest
@@ -197,7 +198,10 @@ def test_ema_follows_with_warmup():
     with torch.no_grad():
         model.weight.fill_(1.0)
         model.bias.fill_(1.0)
-    ema.update(model)  # first decay = min(0.9, 1/10) = 0.1
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    ema.update(model)  # first decay = min(0.9, 1/10) = 0.1: new = 0.1 old + 0.9 weights
+    for name, value in ema.module.state_dict().items():
+        assert torch.allclose(value, 0.1 * before[name] + 0.9 * torch.ones_like(value), atol=1e-6)
     start = EMA(torch.nn.Linear(2, 1), 0.9)
     assert ema.num_updates == 1
     for _ in range(200):
@@ -304,6 +308,57 @@ def test_early_stopping_and_best_three(phantom_dir, tmp_path, monkeypatch):
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["best-epoch=004-val_mae_gy=1.00.ckpt", "best-epoch=005-val_mae_gy=1.50.ckpt",
                      "best-epoch=006-val_mae_gy=1.60.ckpt", "last.ckpt"]
+
+
+def test_patience_counts_validations_not_epochs(phantom_dir, tmp_path, monkeypatch):
+    maes = iter([3.0, 2.0, 2.5, 2.6, 9.0])
+
+    def fake_validate(*args, **kwargs):
+        return ValidationResult(loss_sum=1.0, loss_count=1, mae_sum=next(maes), mae_count=1)
+
+    monkeypatch.setattr(loop, "validate", fake_validate)
+    # validations at epochs 3, 6, 9, 12: best at 6, then two without improvement -> stop at 12
+    summary = Trainer(tiny_config(phantom_dir, tmp_path, epochs=15, val_every=3, patience=2)).fit()
+    assert summary["early_stopped"] and summary["epochs_completed"] == 12 and summary["best_epoch"] == 6
+
+
+def test_patience_shorter_than_the_validation_interval_waits_for_validations(phantom_dir, tmp_path):
+    summary = Trainer(tiny_config(phantom_dir, tmp_path, epochs=5, val_every=3, patience=2)).fit()
+    assert not summary["early_stopped"] and summary["epochs_completed"] == 5
+
+
+def test_a_fresh_run_into_a_folder_that_holds_a_run_is_refused(phantom_dir, tmp_path):
+    Trainer(tiny_config(phantom_dir, tmp_path, epochs=1)).fit()
+    with pytest.raises(ValueError, match=r"already holds a run .*--resume .*last\.ckpt.*--exp_name"):
+        Trainer(tiny_config(phantom_dir, tmp_path, epochs=1, lr=5e-4)).fit()
+    summary = Trainer(tiny_config(phantom_dir, tmp_path, epochs=1, exp_name="other")).fit()
+    assert summary["epochs_completed"] == 1
+
+
+def test_resume_with_another_batch_size_continues_the_learning_rate_curve(phantom_dir, tmp_path):
+    first = Trainer(tiny_config(phantom_dir, tmp_path, epochs=2, batch_size=1))
+    first.fit()
+    resumed = Trainer(tiny_config(phantom_dir, tmp_path, epochs=4, batch_size=2,
+                                  resume=str(tmp_path / "run" / "checkpoints" / "last.ckpt")))
+    resumed.fit()
+    steps = resumed.steps_per_epoch
+    assert steps < first.steps_per_epoch
+    with open(tmp_path / "run" / "epoch_metrics.csv", newline="") as f:
+        lrs = [float(row["learning_rate"]) for row in csv.DictReader(f)]
+    # epoch 3 ends at position 3 - 1/steps of 4 epochs: halfway down the cosine, not at min_lr
+    expected = cosine_lr(3 * steps - 1, 1e-3, resumed.config.min_lr, 0, 4 * steps)
+    assert lrs[2] == pytest.approx(expected) and lrs[2] > 100 * resumed.config.min_lr
+
+
+def test_resume_uses_the_given_weight_decay_and_ema_decay(phantom_dir, tmp_path):
+    Trainer(tiny_config(phantom_dir, tmp_path, epochs=1, ema=True, ema_decay=0.99, weight_decay=0.01)).fit()
+    resumed = Trainer(tiny_config(phantom_dir, tmp_path, epochs=2, ema=True, ema_decay=0.5, weight_decay=0.2,
+                                  resume=str(tmp_path / "run" / "checkpoints" / "last.ckpt")))
+    resumed.fit()
+    assert [g["weight_decay"] for g in resumed.optimizer.param_groups] == [0.2, 0.0]
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert resumed.ema.decay == 0.5 and saved["ema"]["decay"] == 0.5
+    assert saved["optimizer"]["param_groups"][0]["weight_decay"] == 0.2
 
 
 def test_config_rejects_bad_values(tmp_path):

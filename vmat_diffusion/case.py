@@ -7,11 +7,14 @@ key             dtype, shape        meaning
 ==============  ==================  ====================================================
 ``ct``          float32 (X, Y, Z)   normalised CT (``conventions.normalize_ct``)
 ``dose``        float32 (X, Y, Z)   dose in Gy
-``masks_sdf``   float32 (S, X, Y, Z) scaled signed distance per structure, negative inside
+``masks_sdf``   float32 (S, X, Y, Z) scaled signed distance per structure, negative inside,
+                                    in [-1, 1] (``conventions.mask_to_sdf``); a structure
+                                    not contoured is SDF_ABSENT (+2) everywhere
 ``constraints`` float32 (K,)        conditioning vector (``constraints.constraint_vector``)
 ``metadata``    JSON string         at least ``case_id``, ``structures`` (S names, channel
                                     order), ``spacing_mm`` (X, Y, Z), ``rx_dose_gy``
-(any other)     non-object array    kept in ``Case.extras`` (e.g. ``possible_dose_mask``)
+(any other)     numeric array       kept in ``Case.extras`` (e.g. ``possible_dose_mask``);
+                                    a 3-D one must have the CT's shape
 ==============  ==================  ====================================================
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .conventions import SDF_ABSENT, SDF_CLIP_MM
 from .fileio import atomic_write
 
 REQUIRED_ARRAYS = ("ct", "dose", "masks_sdf", "constraints")
@@ -108,9 +112,29 @@ def _check_float_array(path, key, arr, ndim) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
+def _json_value(value):
+    """numpy scalars -> ``.item()``, numpy arrays -> ``.tolist()``, inside dicts, lists and tuples too."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
 def _validate_metadata(path, meta) -> dict:
     if not isinstance(meta, dict):
         raise CaseFormatError(path, "metadata", f"expected a JSON object, got {type(meta).__name__}")
+    meta = {key: _json_value(value) for key, value in meta.items()}
+    for key, value in meta.items():
+        try:
+            json.dumps({key: value})
+        except (TypeError, ValueError) as e:
+            raise CaseFormatError(path, "metadata", f"field {key!r} cannot be written as JSON ({e}); metadata "
+                                  "values must be str, numbers, bool, None, lists or dicts") from None
     for key in REQUIRED_METADATA:
         if key not in meta:
             raise CaseFormatError(path, "metadata", f"missing field '{key}' "
@@ -134,7 +158,6 @@ def _validate_metadata(path, meta) -> dict:
         rx = float("nan")
     if not (math.isfinite(rx) and rx > 0):
         raise CaseFormatError(path, "metadata", f"'rx_dose_gy' must be a positive number (Gy), got {meta['rx_dose_gy']!r}")
-    meta = dict(meta)
     meta["structures"] = list(structures)
     meta["spacing_mm"] = spacing
     meta["rx_dose_gy"] = rx
@@ -157,22 +180,63 @@ def _validate(case: Case, path) -> None:
     if case.masks_sdf.shape[0] != n_struct:
         raise CaseFormatError(path, "masks_sdf", f"has {case.masks_sdf.shape[0]} channels but metadata "
                               f"'structures' names {n_struct}: {case.metadata['structures']}")
+    _check_sdf_values(path, case.masks_sdf, case.metadata["structures"])
     case.constraints = _check_float_array(path, "constraints", case.constraints, 1)
     for key, arr in case.extras.items():
-        if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
-            raise CaseFormatError(path, key, "extra arrays must be plain numeric numpy arrays")
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
+            got = f"dtype {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
+            raise CaseFormatError(path, key, f"extra arrays must be numeric (bool, integer or float) numpy "
+                                             f"arrays, got {got}")
+        if arr.ndim == 3 and arr.shape != case.ct.shape:
+            raise CaseFormatError(path, key, f"shape {arr.shape} differs from ct {case.ct.shape} "
+                                             "(a 3-D extra array is a volume on the CT's grid)")
 
 
-def _read_metadata(path, raw, allow_pickle: bool) -> dict:
+def _check_sdf_values(path, masks_sdf: np.ndarray, structures) -> None:
+    """Each channel is SDF_ABSENT everywhere, or a scaled SDF: values in [-1, 1], never exactly 0
+    as its minimum (``mask_to_sdf`` gives every voxel a non-zero distance; 0 as the smallest value
+    is what a binary 0/1 mask looks like). One min and one max per channel."""
+    flat = masks_sdf.reshape(masks_sdf.shape[0], -1)
+    if flat.shape[1] == 0:
+        return
+    lows, highs = flat.min(axis=1), flat.max(axis=1)
+    for channel, (low, high) in enumerate(zip(lows.tolist(), highs.tolist())):
+        if low == high == SDF_ABSENT or (-1.0 <= low <= high <= 1.0 and low != 0.0):
+            continue
+        binary = " (smallest value exactly 0: a binary 0/1 mask, not an SDF)" if low == 0.0 else ""
+        raise CaseFormatError(
+            path, "masks_sdf",
+            f"channel {channel} ('{structures[channel]}') has values in [{low:g}, {high:g}]{binary}; expected a "
+            f"scaled signed distance in [-1, 1] (mm / {SDF_CLIP_MM:g}, negative inside, never 0), or "
+            f"{SDF_ABSENT:g} everywhere for a structure that is not contoured. Binary masks must be converted "
+            "first: vmat_diffusion.conventions.mask_to_sdf(mask, spacing_mm)")
+
+
+def _parse_metadata_json(path, text) -> dict:
+    """JSON text (str, or utf-8 bytes) -> the parsed value; CaseFormatError naming the key otherwise."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text)
+    except UnicodeDecodeError as e:
+        raise CaseFormatError(path, "metadata", f"bytes are not UTF-8 text ({e})") from None
+    except json.JSONDecodeError as e:
+        raise CaseFormatError(path, "metadata", f"is not valid JSON ({e})") from None
+
+
+def read_metadata_array(path, raw: np.ndarray, allow_pickle: bool = False):
+    """The ``metadata`` array of a case file -> its parsed value (a dict for a valid file).
+
+    A str or bytes (utf-8) array holds JSON text; with ``allow_pickle`` an object array holds a
+    pickled dict or JSON string. Raises CaseFormatError naming ``path`` and the key otherwise.
+    """
     if raw.dtype.kind in "US":
-        try:
-            return json.loads(str(raw.item() if raw.ndim == 0 else "".join(raw.ravel().tolist())))
-        except json.JSONDecodeError as e:
-            raise CaseFormatError(path, "metadata", f"is not valid JSON ({e})") from None
+        parts = [raw.item()] if raw.ndim == 0 else raw.ravel().tolist()
+        return _parse_metadata_json(path, b"".join(parts) if raw.dtype.kind == "S" else "".join(parts))
     if raw.dtype.hasobject and allow_pickle:
         value = raw.item() if raw.ndim == 0 else raw
-        if isinstance(value, str):
-            return json.loads(value)
+        if isinstance(value, (str, bytes)):
+            return _parse_metadata_json(path, value)
         return value
     raise CaseFormatError(path, "metadata", f"expected a JSON string, got an array of dtype {raw.dtype}")
 
@@ -217,7 +281,7 @@ def load_case(path, allow_pickle: bool = False, require_dose: bool = True) -> Ca
     for key in required + ("metadata",):
         if key not in arrays:
             raise CaseFormatError(path, key, f"missing (file has: {', '.join(sorted(arrays)) or 'nothing'})")
-    meta = _read_metadata(path, arrays.pop("metadata"), allow_pickle)
+    meta = read_metadata_array(path, arrays.pop("metadata"), allow_pickle)
     case = Case(ct=arrays.pop("ct"), dose=arrays.pop("dose", None), masks_sdf=arrays.pop("masks_sdf"),
                 constraints=arrays.pop("constraints"), metadata=meta, extras=arrays)
     _validate(case, path)

@@ -58,6 +58,15 @@ class SiteProtocol:
     def constraint_dim(self) -> int:
         return len(self.targets) + len(self.goals)
 
+    @property
+    def known_structures(self) -> Tuple[str, ...]:
+        """``structures``, then the other structures its targets and goals name (e.g. prostate's cord)."""
+        names = list(self.structures)
+        for name in [t.structure for t in self.targets] + [s for g in self.goals for s in g.structures]:
+            if name not in names:
+                names.append(name)
+        return tuple(names)
+
 
 PROSTATE = SiteProtocol(
     name="prostate",
@@ -96,13 +105,28 @@ HEAD_NECK = SiteProtocol(
 SITES: Dict[str, SiteProtocol] = {"prostate": PROSTATE, "head_neck": HEAD_NECK}
 
 
+class UnknownSiteError(ValueError):
+    """No site, or more than one, fits a list of structure names (``site_for_structures``)."""
+
+
 def site_for_structures(structures: Iterable[str]) -> SiteProtocol:
-    """The protocol whose structure list equals ``structures``; prostate when none matches."""
-    structures = tuple(structures)
-    for site in SITES.values():
-        if site.structures == structures:
-            return site
-    return PROSTATE
+    """The one site of ``SITES`` whose ``known_structures`` hold every name in ``structures``.
+
+    Order is irrelevant and a subset is fine (a case without a larynx is still head and neck).
+    Raises UnknownSiteError (a ValueError) listing the names and the known sites when no site,
+    or more than one, holds them all: then name the site (``site=`` / metadata ``site``).
+    """
+    names = list(dict.fromkeys(structures))
+    fits = [site for site in SITES.values() if set(names) <= set(site.known_structures)]
+    if len(fits) == 1:
+        return fits[0]
+    if fits:
+        problem = f"fit more than one site ({', '.join(site.name for site in fits)})"
+    else:
+        problem = "fit no site (" + "; ".join(
+            f"{site.name} lacks {[n for n in names if n not in site.known_structures]}" for site in SITES.values()) + ")"
+    raise UnknownSiteError(f"structures {names} {problem}; known sites: {list(SITES)} "
+                           "(constraints.SITES); pass site= one of them or a SiteProtocol")
 
 
 def constraint_vector(site: SiteProtocol, present: Iterable[str], rx_dose_gy: float) -> np.ndarray:

@@ -9,7 +9,9 @@ One update from timestep ``t`` to ``t_prev`` (alpha-bar ``a_t``, ``a_p``; ``a_p 
     x_p   = sqrt(a_p) x0 + sqrt(1 - a_p - sigma^2) eps + sigma z,   z ~ N(0, I)
 
 eta = 0 is the deterministic DDIM sampler; eta = 1 with steps = timesteps is ancestral DDPM
-sampling (sigma^2 equals the DDPM posterior variance). The last step returns the (clipped) x0.
+sampling (sigma^2 equals the DDPM posterior variance). eta must lie in [0, 1]: above 1, sigma^2
+exceeds 1 - a_p, the eps term is cut to 0 and the sample gets more noise than its timestep
+holds. The last step returns the (clipped) x0.
 
 Timestep spacing: "trailing" (default) starts at T - 1, e.g. 999, 979, ..., 19 for T = 1000 and
 50 steps, so the first step starts from (nearly) pure noise as in training; "leading"
@@ -44,6 +46,17 @@ def ddim_timesteps(timesteps: int, steps: int, spacing: str = "trailing") -> np.
     return np.ascontiguousarray(ts)
 
 
+def check_eta(eta) -> float:
+    """``eta`` as a float, checked to be a number in [0, 1] (ValueError naming eta otherwise)."""
+    try:
+        value = float(eta)
+    except (TypeError, ValueError):
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}") from None
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"eta must be a number in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
+    return value
+
+
 def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Standard normal float32 noise on ``like``'s device, drawn on the generator's device."""
     draw_device = generator.device if generator is not None else like.device
@@ -54,6 +67,7 @@ def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torc
 class DDIMSampler:
     """DDIM sampling with ``steps`` model calls over a ``NoiseSchedule``.
 
+    ``eta`` must lie in [0, 1] (ValueError otherwise; see the module docstring).
     Attributes: ``schedule``, ``steps``, ``eta``, ``spacing``, ``clip_x0`` ((low, high) or None)
     and ``timesteps`` (LongTensor (steps,), descending; first T - 1 for "trailing").
     """
@@ -70,9 +84,7 @@ class DDIMSampler:
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
             raise TypeError(f"steps must be an int, got {steps!r}")
-        eta = float(eta)
-        if not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+        eta = check_eta(eta)
         if clip_x0 is not None:
             low, high = (float(v) for v in clip_x0)
             if not low < high:

@@ -2,8 +2,9 @@
 
 Every function takes ``dose`` (X, Y, Z) in Gy and a structure ``mask`` of the same shape,
 numpy arrays or torch tensors (tensors are read with ``.detach().cpu().numpy()``). A mask is
-either boolean (or integer, non-zero = inside) or a scaled signed distance as stored in
-``Case.masks_sdf`` (any floating dtype): then the inside is ``sdf < 0``. ``spacing_mm`` is
+boolean, integer (non-zero = inside), a floating 0/1 mask (every value exactly 0 or 1, at
+least one 0; inside = 1), or a scaled signed distance as stored in ``Case.masks_sdf`` (any
+other floating array): then the inside is ``sdf < 0`` (``as_bool_mask``). ``spacing_mm`` is
 the voxel size (X, Y, Z) in mm. A mask with no voxel inside raises ``ValueError`` ("empty
 mask"); scores over many structures (``vmat_diffusion.metrics``) skip such structures.
 
@@ -47,12 +48,28 @@ def as_numpy(x, name: str = "array") -> np.ndarray:
 
 
 def as_bool_mask(mask, name: str = "mask") -> np.ndarray:
-    """Structure mask -> boolean array: bool as is, integers non-zero, floats are an SDF (< 0 inside)."""
+    """Structure mask (any shape) -> boolean array of the inside, same shape.
+
+    bool: as is. Integers: non-zero. Floats: a 0/1 mask (every value exactly 0 or 1, at least
+    one 0) is inside where 1; any other float array is a scaled SDF, inside where < 0. A float
+    array of nothing but 1.0 is ambiguous (a 0/1 mask of every voxel, or an SDF far outside its
+    structure, e.g. a patch) and raises ValueError naming ``name``: pass a boolean mask.
+    """
     m = as_numpy(mask, name)
     if m.dtype == bool:
         return m
     if m.dtype.kind == "f":
-        return m < 0
+        inside = m < 0
+        if inside.any():  # an SDF (a 0/1 mask has no negative value); the common case costs one pass
+            return inside
+        zeros = m == 0
+        if not (zeros | (m == 1)).all():
+            return inside  # an SDF with no voxel inside (e.g. SDF_ABSENT everywhere)
+        if not zeros.any() and m.size:
+            raise ValueError(f"{name}: every value is 1.0, which is ambiguous (a 0/1 mask covering every "
+                             "voxel, or a scaled SDF entirely outside its structure); pass a boolean mask "
+                             "(mask != 0 for a 0/1 mask, sdf < 0 for an SDF)")
+        return ~zeros
     if m.dtype.kind in "iu":
         return m != 0
     raise TypeError(f"{name}: expected a boolean mask or a floating SDF, got dtype {m.dtype}")
@@ -79,7 +96,8 @@ def structure_doses(dose, mask) -> np.ndarray:
     if dose.shape != inside.shape:
         raise ValueError(f"mask: shape {inside.shape} differs from dose shape {dose.shape}")
     if not inside.any():
-        hint = " (a floating mask is read as an SDF: inside = values < 0)" if as_numpy(mask).dtype.kind == "f" else ""
+        hint = (" (a floating mask that is not 0/1 is read as an SDF: inside = values < 0)"
+                if as_numpy(mask).dtype.kind == "f" else "")
         raise ValueError(f"mask: empty mask, no voxel inside the structure{hint}")
     doses = dose[inside].astype(np.float64)
     if not np.isfinite(doses).all():

@@ -39,13 +39,16 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import devices
 from .case import Case
+from .constraints import UnknownSiteError
 from .conventions import unit_to_dose
+from .ddim import check_eta
 from .fileio import atomic_write
 from .gamma import dilate_mask, gamma_index, pass_rate_from_gamma
-from .metrics import compare_goals, dose_score, dvh_score_details, dvh_table, is_default_target, mae_gy, \
-    masks_from_case
-from .schedule import NoiseSchedule
+from .metrics import compare_goals, dose_score, dvh_score_details, dvh_table, goal_site, is_default_target, \
+    mae_gy, masks_from_case
+from .schedule import SCHEDULES, NoiseSchedule
 from .sliding_window import PREDICT_MODES, predict_full_volume, sliding_window_inference
 
 MODEL_KINDS = ("baseline", "ddpm")
@@ -115,31 +118,63 @@ def model_dose_scale(info) -> float:
     return value
 
 
+def _config_value(info, key: str):
+    """``key`` of the checkpoint's training config (``info['config']``, dict or object), or None."""
+    config = info_value(info, "config")
+    if config is None:
+        return None
+    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
 def schedule_from_info(info) -> NoiseSchedule:
     """The diffusion model's ``NoiseSchedule`` from the checkpoint info.
 
     Reads ``info['schedule']`` as a dict ``{"timesteps", "schedule"}`` (``NoiseSchedule.config``),
     else ``info['timesteps']`` / ``info['schedule']`` directly, else the training config's.
+    Raises InferenceInputError when the schedule is missing or malformed.
     """
     schedule = info_value(info, "schedule")
-    config = info_value(info, "config") or {}
     if isinstance(schedule, Mapping):
         timesteps, name = schedule.get("timesteps"), schedule.get("schedule")
     else:
         timesteps, name = info_value(info, "timesteps"), schedule
-    timesteps = timesteps if timesteps is not None else config.get("timesteps")
-    name = name if name is not None else config.get("schedule")
+    timesteps = timesteps if timesteps is not None else _config_value(info, "timesteps")
+    name = name if name is not None else _config_value(info, "schedule")
     if timesteps is None or name is None:
         raise InferenceInputError("checkpoint: a diffusion checkpoint must record its noise schedule "
                                   "(timesteps and schedule name)")
-    return NoiseSchedule(timesteps=int(timesteps), schedule=str(name))
+    try:
+        return NoiseSchedule(timesteps=timesteps, schedule=name)
+    except (TypeError, ValueError) as e:
+        raise InferenceInputError(
+            f"checkpoint: 'schedule' must be {{timesteps: int >= 1, schedule: {'|'.join(map(repr, SCHEDULES))}}}, "
+            f"got {{timesteps: {timesteps!r}, schedule: {name!r}}} ({e})") from None
+
+
+DEFAULT_PATCH_SIZE = 128  # window size (voxels) when the checkpoint records no training patch size
 
 
 def training_patch_size(info) -> Optional[int]:
-    """The patch size the model was trained on (from the training config), or None."""
-    config = info_value(info, "config") or {}
-    value = config.get("patch_size") if isinstance(config, Mapping) else getattr(config, "patch_size", None)
-    return int(value) if value is not None else None
+    """The patch size (voxels) the model was trained on (``info['config']['patch_size']``), or None.
+
+    Raises InferenceInputError when the checkpoint records something other than a positive integer.
+    """
+    value = _config_value(info, "patch_size")
+    return None if value is None else _positive_int("checkpoint: 'config.patch_size'", value)
+
+
+def window_settings(info, patch_size: Optional[int] = None, overlap: Optional[int] = None):
+    """(patch_size, overlap) in voxels for predicting with the checkpoint described by ``info``.
+
+    ``patch_size=None``: the training patch size from the checkpoint (``DEFAULT_PATCH_SIZE`` when
+    it records none); ``overlap=None``: ``patch_size // 4``. Explicit values are returned as given
+    (``check_window`` checks them against the network).
+    """
+    if patch_size is None:
+        patch_size = training_patch_size(info) or DEFAULT_PATCH_SIZE
+    if overlap is None and isinstance(patch_size, numbers.Integral):  # else check_window names patch_size
+        overlap = patch_size // 4
+    return patch_size, overlap
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -205,16 +240,12 @@ def check_window(model: torch.nn.Module, patch_size: int, overlap: int) -> None:
 
 
 def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
-    """"auto" -> CUDA when available, else CPU; anything else as ``torch.device`` (CUDA checked)."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``devices.resolve_device`` ("auto" -> CUDA when available, else CPU; "cuda:N" checked
+    against this machine's GPUs), its errors as InferenceInputError."""
     try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InferenceInputError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InferenceInputError("device: CUDA was requested but no CUDA GPU is available (use --device cpu)")
-    return resolved
+        return devices.resolve_device(device)
+    except ValueError as e:
+        raise InferenceInputError(str(e)) from None
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -226,7 +257,7 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     if precision not in PRECISIONS:
         raise InferenceInputError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and devices.cuda_bf16_is_native():
             return torch.bfloat16
         return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -287,7 +318,8 @@ def _predict_ddpm(model, condition, constraints, scale_gy, window, forward_dtype
 
 
 @torch.no_grad()
-def predict_case(model: torch.nn.Module, info, case: Case, patch_size: int = 128, overlap: int = 32,
+def predict_case(model: torch.nn.Module, info, case: Case, patch_size: Optional[int] = None,
+                 overlap: Optional[int] = None,
                  batch_size: int = 1, ddim_steps: int = 50, samples: int = 1,
                  device: Union[str, torch.device] = "cpu", generator: Optional[torch.Generator] = None,
                  progress: bool = False, precision: str = "auto", mode: str = "synchronous",
@@ -299,9 +331,10 @@ def predict_case(model: torch.nn.Module, info, case: Case, patch_size: int = 128
         The model is moved to ``device`` and put in eval mode.
     case: a ``Case`` with the model's structures in the model's channel order; ``dose`` may be None.
     patch_size, overlap: window size and minimum overlap (voxels); patch_size must be a multiple
-        of the network's ``size_multiple``.
+        of the network's ``size_multiple``. None (default): the checkpoint's training patch size
+        (128 when it records none) and patch_size // 4, as ``vmat-infer`` (``window_settings``).
     batch_size: windows per forward pass.
-    ddim_steps, mode, eta: DDIM settings (ddpm only; see ``predict_full_volume``).
+    ddim_steps, mode, eta: DDIM settings (ddpm only; see ``predict_full_volume``); eta in [0, 1].
     samples: number of diffusion samples K (ddpm only); K > 1 gives the mean and ``std_gy``.
     device: "cpu", "cuda[:N]" or "auto". generator: torch.Generator for the diffusion noise
         (reproducible samples); None draws from torch's global generator.
@@ -317,10 +350,15 @@ def predict_case(model: torch.nn.Module, info, case: Case, patch_size: int = 128
         raise InferenceInputError(f"samples: the baseline model is deterministic, so samples={samples} "
                                   "would repeat one prediction; use samples=1 (K > 1 needs a ddpm checkpoint)")
     batch_size = _positive_int("batch_size", batch_size)
+    patch_size, overlap = window_settings(info, patch_size, overlap)
     check_window(model, patch_size, overlap)
     check_case_matches_model(model, info, case)
     if mode not in PREDICT_MODES:
         raise InferenceInputError(f"mode: expected one of {', '.join(PREDICT_MODES)}, got {mode!r}")
+    try:
+        eta = check_eta(eta)
+    except ValueError as e:
+        raise InferenceInputError(str(e)) from None
     device = resolve_device(device)
     forward_dtype = autocast_dtype(precision, device)
     scale_gy = model_dose_scale(info)
@@ -493,7 +531,10 @@ def case_metrics(pred_gy, case: Case, gamma_subsample: int = 2, dose_percent: fl
     * ``dvh_metrics``: {structure: {"reference": {...}, "predicted": {...}}} of
       ``dvh.dvh_metrics`` (D99, D98, D95, D2, D1, D0.1cc, Dmean, Dmax, volume_cc, V metrics
       for ``v_doses_gy``), present structures only.
-    * ``goals``: ``metrics.compare_goals`` rows; ``goals_agree`` / ``goals_total`` count them.
+    * ``goals``: ``metrics.compare_goals`` rows; ``goals_agree`` / ``goals_total`` count them;
+      ``goals_site``: the site whose goals they are (``metrics.goal_site``: the case's metadata
+      ``site``, else the one site whose structure list holds all the case's structures). When no
+      site fits, ``goals_site``, ``goals``, ``goals_agree`` and ``goals_total`` are None.
     * ``gamma_pass_rate``, ``gamma_pass_rate_targets``: global ``dose_percent`` % /
       ``distance_mm`` mm gamma pass rates (percent), every ``gamma_subsample``-th voxel
       (1 = full resolution); ``gamma``: the settings and voxel counts (``gamma_metrics``).
@@ -529,10 +570,16 @@ def case_metrics(pred_gy, case: Case, gamma_subsample: int = 2, dose_percent: fl
     predicted_table = dvh_table(pred, masks, case.spacing_mm, v_doses_gy)
     result["dvh_metrics"] = {name: {"reference": reference_table[name], "predicted": predicted_table[name]}
                              for name in reference_table}
-    goals = compare_goals(pred, ref, case)
-    result["goals"] = goals
-    result["goals_agree"] = sum(1 for g in goals if g["agree"])
-    result["goals_total"] = len(goals)
+    try:
+        site = goal_site(case)
+    except UnknownSiteError:
+        result["goals_site"] = result["goals"] = result["goals_agree"] = result["goals_total"] = None
+    else:
+        goals = compare_goals(pred, ref, case, site=site)
+        result["goals_site"] = site.name
+        result["goals"] = goals
+        result["goals_agree"] = sum(1 for g in goals if g["agree"])
+        result["goals_total"] = len(goals)
     if compute_gamma:
         gamma = gamma_metrics(pred, case, gamma_subsample, dose_percent, distance_mm, cutoff_percent,
                               target_margin_mm, device=gamma_device)

@@ -6,9 +6,10 @@
   (``vmat_diffusion.constraints``), the same table that builds the conditioning vector.
 * ``dvh_table``: ``dvh.dvh_metrics`` of every present structure.
 
-Structure masks are given as a mapping name -> mask (boolean, or the scaled SDF of
-``Case.masks_sdf``: inside = ``sdf < 0``); ``masks_from_case`` builds it from a ``Case``.
-Structures whose mask is empty are skipped. Doses are (X, Y, Z) in Gy, numpy or torch.
+Structure masks are given as a mapping name -> mask (boolean, 0/1, or the scaled SDF of
+``Case.masks_sdf``: inside = ``sdf < 0``; see ``dvh.as_bool_mask``); ``masks_from_case``
+builds it from a ``Case``. Structures whose mask is empty are skipped. Doses are (X, Y, Z)
+in Gy, numpy or torch.
 
 The OpenKBP scores follow the challenge's evaluation code (``ababier/open-kbp``,
 ``provided_code/dose_evaluation_class.py``); see ``dose_score`` and ``dvh_score``.
@@ -53,7 +54,8 @@ def _binary_mask(mask, shape, name: str) -> np.ndarray:
 def mae_gy(pred, ref, mask=None) -> float:
     """Mean absolute error (Gy) of two doses (X, Y, Z), over all voxels or inside ``mask``.
 
-    mask: boolean, or a structure SDF (inside = ``sdf < 0``). Empty mask -> ValueError.
+    mask: boolean, 0/1, or a structure SDF (inside = ``sdf < 0``; ``dvh.as_bool_mask``).
+    Empty mask -> ValueError.
     """
     pred = as_numpy(pred, "pred").astype(np.float64)
     ref = as_numpy(ref, "ref").astype(np.float64)
@@ -111,10 +113,10 @@ def dvh_score_details(pred, ref, masks: MaskMapping, spacing_mm, targets: Option
     """Per-structure, per-metric DVH differences behind ``dvh_score``.
 
     Targets get D99, D95, D1; every other structure (an OAR) gets D0.1cc and Dmean, each
-    computed over the whole structure. targets: names of the target structures (default:
-    names starting with "PTV"). possible_dose_mask: when given, both doses are set to zero
-    outside it first, as OpenKBP's pipeline does (structures such as the spinal cord reach
-    outside that mask, so this changes their metrics).
+    computed over the whole structure. targets: the name (a str) or names of the target
+    structures (default: names starting with "PTV"). possible_dose_mask: when given, both
+    doses are set to zero outside it first, as OpenKBP's pipeline does (structures such as the
+    spinal cord reach outside that mask, so this changes their metrics).
 
     Returns one dict per (present structure, metric): ``structure``, ``metric``,
     ``reference_gy``, ``predicted_gy``, ``difference_gy`` (predicted - reference).
@@ -125,7 +127,7 @@ def dvh_score_details(pred, ref, masks: MaskMapping, spacing_mm, targets: Option
     if possible_dose_mask is not None:
         inside = _binary_mask(possible_dose_mask, pred.shape, "possible_dose_mask")
         pred, ref = pred * inside, ref * inside
-    target_names = None if targets is None else set(targets)
+    target_names = None if targets is None else {targets} if isinstance(targets, str) else set(targets)
     rows = []
     for name, mask in _present_masks(masks, pred.shape).items():
         is_target = is_default_target(name) if target_names is None else name in target_names
@@ -173,14 +175,26 @@ def _resolve_masks(case_or_masks, spacing_mm) -> Tuple[MaskMapping, Tuple[float,
                     f"got {type(case_or_masks).__name__}")
 
 
-def _resolve_site(site, structures) -> SiteProtocol:
-    if site is None:
-        return site_for_structures(structures)
+def goal_site(case_or_masks: Union[Case, MaskMapping], site: Union[SiteProtocol, str, None] = None) -> SiteProtocol:
+    """The site whose goals ``evaluate_goals`` checks.
+
+    site: a ``SiteProtocol`` or a name in ``constraints.SITES``, used as given. None: for a
+    ``Case`` its ``metadata["site"]`` when that names a site of ``SITES``; otherwise (and for a
+    mapping of masks) ``constraints.site_for_structures`` of the structure names, which raises
+    ``constraints.UnknownSiteError`` (a ValueError) when no site, or more than one, fits them.
+    """
     if isinstance(site, SiteProtocol):
         return site
-    if isinstance(site, str) and site in SITES:
-        return SITES[site]
-    raise ValueError(f"site: expected a SiteProtocol, None or one of {sorted(SITES)}, got {site!r}")
+    if site is not None:
+        if isinstance(site, str) and site in SITES:
+            return SITES[site]
+        raise ValueError(f"site: expected a SiteProtocol, None or one of {sorted(SITES)}, got {site!r}")
+    if isinstance(case_or_masks, Case):
+        named = case_or_masks.metadata.get("site")
+        if isinstance(named, str) and named in SITES:
+            return SITES[named]
+        return site_for_structures(case_or_masks.structures)
+    return site_for_structures(case_or_masks)  # a mapping's keys
 
 
 def goal_metric_label(goal: Goal) -> str:
@@ -208,8 +222,8 @@ def evaluate_goals(dose, case_or_masks: Union[Case, MaskMapping], spacing_mm=Non
 
     case_or_masks: a ``Case`` (its masks; ``spacing_mm`` defaults to the case's) or a mapping
     structure name -> mask (then ``spacing_mm`` is required). site: a ``SiteProtocol``, a name
-    in ``constraints.SITES``, or None for ``constraints.site_for_structures`` of the case's
-    structures (the mapping's keys, in order).
+    in ``constraints.SITES``, or None: the case's ``metadata["site"]``, else the one site whose
+    structure list holds every structure name (``goal_site``; ValueError when none or several do).
 
     Returns one dict per (goal, present structure it applies to), in table order:
     ``goal`` (name), ``structure``, ``metric`` (label such as ``"V50Gy"``), ``value``,
@@ -217,7 +231,7 @@ def evaluate_goals(dose, case_or_masks: Union[Case, MaskMapping], spacing_mm=Non
     """
     dose = as_numpy(dose, "dose")
     masks, spacing_mm = _resolve_masks(case_or_masks, spacing_mm)
-    site = _resolve_site(site, list(masks))
+    site = goal_site(case_or_masks, site)
     present = _present_masks(masks, dose.shape)
     rows = []
     for goal in site.goals:
@@ -242,7 +256,7 @@ def compare_goals(pred, ref, case_or_masks: Union[Case, MaskMapping], spacing_mm
     pred, ref = as_numpy(pred, "pred"), as_numpy(ref, "ref")
     _same_shape(pred, ref)
     masks, spacing_mm = _resolve_masks(case_or_masks, spacing_mm)
-    site = _resolve_site(site, list(masks))
+    site = goal_site(case_or_masks, site)
     rows = []
     for r, p in zip(evaluate_goals(ref, masks, spacing_mm, site), evaluate_goals(pred, masks, spacing_mm, site)):
         rows.append({"goal": r["goal"], "structure": r["structure"], "metric": r["metric"],

@@ -20,6 +20,7 @@ non-zero voxel (C-order flat index into the 128^3 volume). Mask files leave the 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -98,6 +99,7 @@ def _first_data_line(path: Path) -> Tuple[Optional[str], int]:
 
 def _locate_error(path: Path, n_voxels: int, is_mask: bool) -> OpenKBPFormatError:
     """Slow line-by-line scan that finds the first bad line (used only when the fast parse failed)."""
+    previous = -1
     with open(path, "r", encoding="utf-8", errors="replace", newline=None) as f:
         f.readline()
         for number, raw in enumerate(f, start=2):
@@ -114,27 +116,34 @@ def _locate_error(path: Path, n_voxels: int, is_mask: bool) -> OpenKBPFormatErro
                 return OpenKBPFormatError(path, number, f"index {index_text[:40]!r} is not an integer")
             if not 0 <= index < n_voxels:
                 return OpenKBPFormatError(path, number, f"index {index} out of range [0, {n_voxels})")
-            if is_mask:
-                if value_text:
-                    return OpenKBPFormatError(path, number, f"value {value_text[:40]!r} in a mask file "
-                                              "(the first data line has an empty value)")
-                continue
-            if not value_text:
-                return OpenKBPFormatError(path, number, "empty value in a value file "
-                                          "(the first data line has a value)")
-            try:
-                value = float(value_text)
-            except ValueError:
-                return OpenKBPFormatError(path, number, f"value {value_text[:40]!r} is not a number")
-            if not math.isfinite(value):
-                return OpenKBPFormatError(path, number, f"value {value_text!r} is not finite")
+            if is_mask and value_text:
+                return OpenKBPFormatError(path, number, f"value {value_text[:40]!r} in a mask file "
+                                          "(the first data line has an empty value)")
+            if not is_mask:
+                if not value_text:
+                    return OpenKBPFormatError(path, number, "empty value in a value file "
+                                              "(the first data line has a value)")
+                try:
+                    value = float(value_text)
+                except ValueError:
+                    return OpenKBPFormatError(path, number, f"value {value_text[:40]!r} is not a number")
+                if not math.isfinite(value):
+                    return OpenKBPFormatError(path, number, f"value {value_text!r} is not finite")
+            if index <= previous:
+                return OpenKBPFormatError(path, number, f"index {index} after index {previous}: indices must be "
+                                          "strictly increasing (each voxel listed once, in C order)")
+            previous = index
     return OpenKBPFormatError(path, None, "could not be parsed as a sparse CSV")
 
 
+_EMPTY_VALUE = re.compile(rb",[ \t\r]*(?:\n|\Z)")  # a comma, then only whitespace up to the line's end
+
+
 def _all_values_empty(path: Path, n_lines: int) -> bool:
-    """True when each of the ``n_lines`` data lines of a mask file is ``<index>,`` (one comma, at the end)."""
-    body = path.read_bytes().replace(b"\r", b"").split(b"\n", 1)[-1]
-    return body.count(b",") == n_lines and body.count(b",\n") + body.endswith(b",") == n_lines
+    """True when each of the ``n_lines`` data lines of a mask file is ``<index>,`` (one comma, at the
+    end, trailing whitespace allowed)."""
+    body = path.read_bytes().split(b"\n", 1)[-1]
+    return body.count(b",") == n_lines and len(_EMPTY_VALUE.findall(body)) == n_lines
 
 
 def read_sparse_csv(path, shape: Sequence[int] = OPENKBP_SHAPE) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -143,8 +152,8 @@ def read_sparse_csv(path, shape: Sequence[int] = OPENKBP_SHAPE) -> Tuple[np.ndar
     Returns ``(indices, values)``: indices int64 (N,) C-order flat indices into ``shape``;
     values float32 (N,), or None for a mask file (value column empty). A file with only the
     header gives empty indices and values None.
-    Raises OpenKBPFormatError naming the file and line for a bad header, a non-integer or
-    out-of-range index, or a non-numeric value.
+    Raises OpenKBPFormatError naming the file and line for a bad header, a non-integer,
+    out-of-range or not strictly increasing index, or a non-numeric value.
     """
     path = Path(path)
     n_voxels = int(np.prod(_check_shape(shape)))
@@ -165,8 +174,9 @@ def read_sparse_csv(path, shape: Sequence[int] = OPENKBP_SHAPE) -> Tuple[np.ndar
     except ValueError:
         raise _locate_error(path, n_voxels, is_mask) from None
     bad_range = indices.size and (indices.min() < 0 or indices.max() >= n_voxels)
+    bad_order = indices.size > 1 and not (np.diff(indices) > 0).all()
     bad_values = not np.isfinite(values).all() if values is not None else not _all_values_empty(path, indices.size)
-    if bad_range or bad_values:
+    if bad_range or bad_order or bad_values:
         raise _locate_error(path, n_voxels, is_mask)
     return indices, (values.astype(np.float32) if values is not None else None)
 
@@ -187,8 +197,10 @@ def write_sparse_csv(path, volume: np.ndarray, mask: bool = False, value_format:
             f.writelines(f"{i},{value_format % v}\n" for i, v in zip(indices.tolist(), values))
 
 
-def _dense_volume(path: Path, shape, dtype) -> np.ndarray:
+def _dense_volume(path: Path, shape, dtype, required_voxels: bool = False) -> np.ndarray:
     indices, values = read_sparse_csv(path, shape)
+    if required_voxels and not indices.size:
+        raise OpenKBPFormatError(path, None, "lists no voxel (only the header); expected the non-zero voxels")
     volume = np.zeros(int(np.prod(shape)), dtype=dtype)
     if dtype == np.bool_:
         volume[indices] = True
@@ -227,7 +239,8 @@ def read_openkbp_patient(folder, shape: Sequence[int] = OPENKBP_SHAPE) -> OpenKB
     """Read one patient folder (``pt_<N>/``) with arrays in the original OpenKBP axis order.
 
     Required files: ``ct.csv``, ``possible_dose_mask.csv``, ``voxel_dimensions.csv``;
-    ``dose.csv`` is optional (``dose`` is None without it); structure files from
+    ``dose.csv`` is optional (``dose`` is None without it), but a ``dose.csv`` or
+    ``possible_dose_mask.csv`` that lists no voxel is an error; structure files from
     ``HEAD_NECK_STRUCTURES`` are read when present. Raises OpenKBPFormatError naming the
     file (and line) of the first problem.
     """
@@ -237,8 +250,8 @@ def read_openkbp_patient(folder, shape: Sequence[int] = OPENKBP_SHAPE) -> OpenKB
     shape = _check_shape(shape)
     ct = _dense_volume(folder / "ct.csv", shape, np.float32)
     dose_path = folder / "dose.csv"
-    dose = _dense_volume(dose_path, shape, np.float32) if dose_path.is_file() else None
-    possible = _dense_volume(folder / "possible_dose_mask.csv", shape, np.bool_)
+    dose = _dense_volume(dose_path, shape, np.float32, required_voxels=True) if dose_path.is_file() else None
+    possible = _dense_volume(folder / "possible_dose_mask.csv", shape, np.bool_, required_voxels=True)
     structures = {name: _dense_volume(folder / f"{name}.csv", shape, np.bool_)
                   for name in HEAD_NECK_STRUCTURES if (folder / f"{name}.csv").is_file()}
     spacing = read_voxel_dimensions(folder / "voxel_dimensions.csv")

@@ -110,12 +110,13 @@ def sliding_window_inference(volume: torch.Tensor, predictor: Callable[..., torc
     """Apply a window-sized ``predictor`` over a whole volume and blend the windows.
 
     Args:
-        volume: (B, C, X, Y, Z) tensor. At most one batch of windows is copied out of it.
+        volume: (B, C, X, Y, Z) tensor, B >= 1. At most one batch of windows is copied out of it.
         predictor: maps a batch of windows (N, C, px, py, pz) (plus, per ``volume_args``, the
             rows of each window's volume) to (N, C_out, px, py, pz). It may run under autocast
-            and return bf16/fp16: outputs are cast to float32 before accumulation. With one
-            window per call the windows are views of ``volume`` (no copy), so the predictor
-            must not modify its input in place.
+            and return bf16/fp16: outputs are cast to float32 before accumulation. It must not
+            write into its input: a single unpadded window is a view of ``volume`` (no copy), and
+            a predictor that modifies it in place raises ValueError (an inference-mode volume,
+            which cannot tell, gets copies instead).
         patch_size: window size in voxels, int or (px, py, pz).
         overlap: minimum overlap of neighbouring windows in voxels, int or 3-tuple, < patch.
         batch_size: windows per predictor call; windows of different volumes share calls.
@@ -155,8 +156,15 @@ def sliding_window_inference(volume: torch.Tensor, predictor: Callable[..., torc
     output_sum = None
     batches = [tasks[i:i + batch_size] for i in range(0, len(tasks), batch_size)]
     for batch in tqdm(batches, desc="windows", disable=not progress):
-        if len(batch) == 1:  # a view of the volume where no padding is needed: no copy
-            inputs = batch[0][1].extract(volume[batch[0][0]])[None]
+        version = None  # of the volume, when the predictor gets a view of it
+        if len(batch) == 1:
+            b, window = batch[0]
+            inputs = window.extract(volume[b])[None]
+            if not window.padded:  # a view of the volume: a copy cost 12 % of the bare passes (BENCHMARKS.md)
+                if inputs.is_inference():  # no version counter to catch in-place writes: copy
+                    inputs = inputs.clone()
+                else:
+                    version = inputs._version
         else:
             inputs = torch.stack([window.extract(volume[b]) for b, window in batch])
         rows = []
@@ -164,6 +172,10 @@ def sliding_window_inference(volume: torch.Tensor, predictor: Callable[..., torc
             index = torch.tensor([b for b, _ in batch], dtype=torch.long)
             rows = [arg[index.to(arg.device)] for arg in volume_args]
         outputs = predictor(inputs, *rows)
+        if version is not None and inputs._version != version:
+            raise ValueError("predictor: it modified its input window in place; with batch_size 1 that window is "
+                             "a view of the volume, which is now changed too. Do not write into the input "
+                             "(e.g. no in-place first op), or pass lambda w: predictor(w.clone())")
         _check_prediction(outputs, len(batch), patch)
         if output_sum is None:
             output_sum = torch.zeros((n_volumes, outputs.shape[1]) + spatial,
@@ -195,7 +207,8 @@ def predict_full_volume(model: Callable[..., torch.Tensor], condition: torch.Ten
         schedule: the ``NoiseSchedule`` the model was trained with.
         patch_size, overlap, batch_size, sigma_scale, accumulate_device: as in
             ``sliding_window_inference``.
-        ddim_steps, eta: DDIM steps and stochasticity (0 = deterministic DDIM).
+        ddim_steps, eta: DDIM steps and stochasticity in [0, 1] (0 = deterministic DDIM; checked
+            by ``DDIMSampler``).
         mode: ``"synchronous"`` (one DDIM step on the whole volume per step, window noise
             predictions blended; neighbours agree) or ``"per_window"`` (independent DDIM runs
             per window, final x0 windows blended). See the module docstring.
@@ -269,11 +282,13 @@ class _Window:
         self.target = tuple(target for target, _, _ in placements)  # voxels it reads and writes
         self.crop = tuple(crop for _, crop, _ in placements)  # its output's part inside the volume
         self.padding = [pads for _, _, pads in placements]
+        self.padded = any(lo or hi for lo, hi in self.padding)
 
     def extract(self, volume: torch.Tensor) -> torch.Tensor:
-        """(C, X, Y, Z) volume -> (C, px, py, pz) window (a copy, replicate-padded if needed)."""
+        """(C, X, Y, Z) volume -> (C, px, py, pz) window: a replicate-padded copy when ``padded``,
+        else a view of ``volume``."""
         window = volume[(slice(None),) + self.target]
-        if any(lo or hi for lo, hi in self.padding):
+        if self.padded:
             return _pad(window[None], self.padding)[0]
         return window
 
@@ -366,6 +381,9 @@ def _check_volume(volume, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, X, Y, Z), got {type(volume).__name__}")
     if volume.ndim != 5:
         raise ValueError(f"{name} must have shape (B, C, X, Y, Z), got shape {tuple(volume.shape)}")
+    if volume.shape[0] < 1:
+        raise ValueError(f"{name} must hold at least one volume (B >= 1 in (B, C, X, Y, Z)), "
+                         f"got shape {tuple(volume.shape)}")
 
 
 def _check_prediction(outputs, n_windows: int, patch) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .case import Case, CaseFormatError, find_cases, load_case
-from .fileio import atomic_write
+from .fileio import atomic_write, atomic_write_json
 
 STORE_FORMAT_VERSION = 1
 DEFAULT_CACHE_NAME = ".vmat_store"
@@ -93,6 +93,20 @@ def _memmap(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
+def _read_store_metadata(folder: Path) -> dict:
+    """``folder/metadata.json`` as a dict with a ``case_id``; CaseFormatError naming the file otherwise."""
+    path = folder / "metadata.json"
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        metadata = f"not valid JSON ({e})"
+    if not isinstance(metadata, dict) or "case_id" not in metadata:
+        problem = metadata if isinstance(metadata, str) else "expected a JSON object with a 'case_id'"
+        raise CaseFormatError(path, None, f"{problem}; rebuild this case (vmat-build-store --force, or "
+                                          "build_store(..., force=True)) or delete its folder")
+    return metadata
+
+
 def open_store_case(folder) -> StoreCase:
     """Open one case folder of a store (arrays memory-mapped read-only)."""
     folder = Path(folder)
@@ -102,7 +116,7 @@ def open_store_case(folder) -> StoreCase:
     for key in ("ct", "masks_sdf", "constraints"):
         if not (folder / f"{key}.npy").is_file():
             raise CaseFormatError(folder, key, f"missing {key}.npy in the store case folder")
-    metadata = json.loads(meta_path.read_text())
+    metadata = _read_store_metadata(folder)
     dose_path = folder / "dose.npy"
     extras = {p.stem[len(_EXTRA_PREFIX):]: _memmap(p) for p in sorted(folder.glob(f"{_EXTRA_PREFIX}*.npy"))}
     return StoreCase(ct=_memmap(folder / "ct.npy"), dose=_memmap(dose_path) if dose_path.is_file() else None,
@@ -132,7 +146,7 @@ class CaseStore:
         for folder in sorted(self.store_dir.iterdir()):
             if folder.name.startswith(".") or not (folder / "metadata.json").is_file():
                 continue
-            case_id = str(json.loads((folder / "metadata.json").read_text())["case_id"])
+            case_id = str(_read_store_metadata(folder)["case_id"])
             self._folders[case_id] = folder
 
     def __len__(self) -> int:
@@ -231,8 +245,8 @@ def _write_case_folder(case: Case, folder: Path, record: dict, thresholds: Itera
     if case.dose is not None:
         for threshold in thresholds:
             _save_centers(folder, case.dose, case.rx_dose_gy, threshold, atomic=False)
-    (folder / "metadata.json").write_text(json.dumps(case.metadata, indent=2, default=str) + "\n")
-    (folder / "source.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(folder / "metadata.json", case.metadata)  # fsynced before the folder is renamed
+    atomic_write_json(folder / "source.json", record)
 
 
 def _install(tmp: Path, final: Path) -> None:

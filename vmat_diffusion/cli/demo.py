@@ -13,6 +13,7 @@ Everything is written under ``--out`` (phantoms/, runs/demo/ with TensorBoard ev
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,20 @@ def body_mask(case) -> np.ndarray:
     return np.asarray(mask) > 0 if mask is not None else np.ones(case.shape, dtype=bool)
 
 
+def clear_previous_demo(out: Path) -> None:
+    """Remove an earlier demo's phantoms and run under ``out``, so a new demo (maybe --quick, with
+    fewer and smaller phantoms) trains on its own phantoms only and starts a fresh run."""
+    old_run = out / "runs" / "demo"
+    previous = sorted((out / "phantoms").glob("phantom_*.npz")) + ([old_run] if old_run.exists() else [])
+    if previous:
+        print(f"      replacing the previous demo in {out} (its phantoms and runs/demo)", flush=True)
+    for path in previous:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def run_demo(out, epochs: Optional[int] = None, quick: bool = False, seed: int = 0, device: str = "auto") -> dict:
     """Run the demo; returns {"model_mae_gy", "trivial_mae_gy", "gamma_pct", "test_case", "run_dir", ...}."""
     from ..case import load_case
@@ -58,6 +73,7 @@ def run_demo(out, epochs: Optional[int] = None, quick: bool = False, seed: int =
     out = Path(out)
     start = time.time()
 
+    clear_previous_demo(out)
     print(f"[1/4] writing {settings['n_phantoms']} phantoms {settings['shape']} at {settings['spacing_mm']} mm "
           f"to {out / 'phantoms'}", flush=True)
     write_phantoms(out / "phantoms", settings["n_phantoms"], shape=settings["shape"],

@@ -17,7 +17,9 @@ Outputs
 * With ``--compute_metrics``, next to the predictions: ``metrics.json`` (settings, one entry per
   case as ``inference.case_metrics`` returns it, cases skipped for lack of a reference dose, and a
   summary: mean and sd over cases) and ``metrics.csv`` (one row per case, then a ``mean`` and an
-  ``sd`` row). Both are rewritten after every case, so a long run leaves partial results.
+  ``sd`` row). Both are rewritten after every case, so a long run leaves partial results. A case
+  whose structures fit no site of the constraint table (and whose metadata names none) gets no
+  clinical goals (null in metrics.json, empty cells in metrics.csv; one note on stderr).
 * ``<case_id>_dvh.png`` per case (predicted solid, reference dashed) when matplotlib is
   importable; skipped silently otherwise, or with ``--no_plots``.
 
@@ -35,7 +37,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import sys
 import zipfile
 from pathlib import Path
@@ -45,18 +46,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..case import Case, CaseFormatError, find_cases, load_case
+from ..case import Case, CaseFormatError, find_cases, load_case, read_metadata_array
+from ..constraints import SITES
 from ..dvh import dvh
 from ..fileio import atomic_write, atomic_write_json, atomic_write_text, non_folder_on_path
 from ..host_memory import keep_freed_memory
 from ..inference import (PRECISIONS, InferenceInputError, check_model, check_structures, flat_metrics,
                          case_metrics, predict_case, resolve_device, save_prediction, summarize_metrics,
-                         training_patch_size)
+                         window_settings)
 from ..sliding_window import PREDICT_MODES
 from ..training.checkpoint import CheckpointError, load_model_from_checkpoint
 
 PRED_SUFFIX = "_pred.npz"
-DEFAULT_PATCH_SIZE = 128
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
 
@@ -131,9 +132,8 @@ def case_header(path: Path) -> Optional[dict]:
     (``load_case`` then reports the problem when the case is reached)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            raw = npz["metadata"]
-            meta = json.loads(str(raw.item() if raw.ndim == 0 else "".join(raw.ravel().tolist())))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            meta = read_metadata_array(path, npz["metadata"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # CaseFormatError is a ValueError
         return None
     return meta if isinstance(meta, dict) else None
 
@@ -311,8 +311,7 @@ def run(args) -> int:
     outputs = output_paths(args, case_ids)
     check_not_overwriting_inputs(outputs, paths)
     device = resolve_device(args.device)
-    patch_size = args.patch_size or training_patch_size(info) or DEFAULT_PATCH_SIZE
-    overlap = patch_size // 4 if args.overlap is None else args.overlap
+    patch_size, overlap = window_settings(info, args.patch_size, args.overlap)
     settings = {"checkpoint": str(args.checkpoint), "model_kind": kind, "used_ema": info.get("used_ema"),
                 "patch_size": patch_size, "overlap": overlap, "batch_size": args.batch_size,
                 "ddim_steps": args.ddim_steps if kind == "ddpm" else None,
@@ -325,6 +324,7 @@ def run(args) -> int:
     with keep_freed_memory(device.type == "cpu"):
         metric_cases: List[dict] = []
         skipped: List[dict] = []
+        goals_noted = False
         for path, case_id in tqdm(list(zip(paths, case_ids)), desc="cases", unit="case", disable=not show_progress):
             case = load_case(path, require_dose=False)
             out_path = outputs[case_id]
@@ -349,6 +349,12 @@ def run(args) -> int:
                                            gamma_device=device, std_gy=prediction.std_gy)
                     metrics["prediction_file"] = str(out_path)
                     metric_cases.append(metrics)
+                    if metrics["goals_site"] is None and not goals_noted:
+                        goals_noted = True
+                        print(f"note: {case.case_id}: clinical goals not checked: its structures {case.structures} "
+                              f"fit no site of the constraint table ({', '.join(SITES)}); set metadata 'site' in "
+                              "the case file to check that site's goals. Goals are null in metrics.json for such "
+                              "cases (this note is shown once)", file=sys.stderr)
                     line += f" | {_metrics_line(metrics)}"
                 write_metrics(out_path.parent, settings, metric_cases, skipped)
             if not args.quiet:

@@ -26,6 +26,7 @@ import sys
 from typing import List, Optional, Sequence, Set
 
 from ..case import CaseFormatError
+from ..devices import check_processes_fit
 from ..training.checkpoint import CheckpointError, load_checkpoint
 from ..training.config import LOSSES, MODELS, PRECISIONS, PRECISION_ALIASES, SCHEDULES, STRATEGIES, TrainConfig
 from ..training import distributed as dist_utils
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="EMA of the weights for validation and checkpoints (default: on for ddpm, off for baseline)")
     opt.add_argument("--ema_decay", type=float, default=d.ema_decay, help="EMA decay")
     opt.add_argument("--patience", type=int, default=d.patience,
-                     help="early stop after this many epochs without a better val MAE (0: never)")
+                     help="early stop after this many validations without a better val MAE (0: never)")
     opt.add_argument("--skip_nonfinite", action=argparse.BooleanOptionalAction, default=d.skip_nonfinite,
                      help="skip steps with a NaN/Inf loss instead of stopping the run")
 
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     run.add_argument("--devices", type=int, default=d.devices, help="processes (GPUs) per machine")
     run.add_argument("--num_nodes", type=int, default=d.num_nodes, help="machines (multi-node: prints the torchrun line)")
-    run.add_argument("--strategy", choices=STRATEGIES, default=d.strategy, help="ddp for several devices")
+    run.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                     help="ddp: several --devices always train with DDP (flag kept for the guide's commands)")
     run.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=d.deterministic,
                      help="deterministic kernels (slower on GPUs)")
     run.add_argument("--gpu_cooling", action="store_true",
@@ -203,6 +205,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     wants_ddp = config.devices > 1 or config.num_nodes > 1
     if wants_ddp and not dist_utils.under_torchrun():
+        if config.num_nodes == 1:  # this machine runs them: check now, not in every process
+            try:
+                check_processes_fit(config.device, config.devices)
+            except ValueError as e:
+                return _error(str(e))
         line = dist_utils.torchrun_command_line(argv, config.devices, config.num_nodes)
         if config.num_nodes > 1:
             print(f"{PROG}: run this on each of the {config.num_nodes} machines (node_rank 0..{config.num_nodes - 1}, "

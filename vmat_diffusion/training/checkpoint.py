@@ -15,7 +15,7 @@ Format (a dict saved with ``torch.save``; only tensors and plain Python values, 
     epoch            epochs completed (1-based count; training resumes with the next one)
     global_step      optimizer steps taken
     best             [{"epoch", "val_mae_gy", "file"}] best checkpoints kept, best first
-    early_stopping   {"best_val_mae_gy", "best_epoch", "epochs_without_improvement"}
+    early_stopping   {"best_val_mae_gy", "best_epoch", "validations_without_improvement"}
     history          {"epoch_times_sec": [...], "elapsed_sec": float}
     config           TrainConfig as a plain dict
     structures       structure names, channel order of ``masks_sdf``

@@ -6,7 +6,8 @@ Settings the guide does not fix (chosen here, documented on the field):
   ``epoch_pause = 2.0`` s (the guide's 2 s between epochs; only with ``gpu_cooling``).
 * ``use_simple_unet`` is accepted for compatibility with the guide's command lines and is always
   True: ``SimpleUNet3D`` is the package's only diffusion backbone (ignored for ``model="baseline"``).
-* ``patience = 20`` epochs without a better validation MAE (0 turns early stopping off).
+* ``patience = 20`` validations without a better validation MAE (0 turns early stopping off);
+  with ``val_every = 1`` that is 20 epochs.
 * ``min_lr = 1e-6``: the floor of the cosine decay.
 * ``precision = "auto"``: bf16 autocast on CUDA GPUs that support it and on CPUs with AMX
   tiles, fp16 autocast + GradScaler on older GPUs, fp32 otherwise. CPUs with AVX512-BF16 but no
@@ -26,7 +27,8 @@ Settings the guide does not fix (chosen here, documented on the field):
   (X, Y, Z) mask, e.g. OpenKBP's ``possible_dose_mask``) averages it over the voxels inside
   instead, as the dose score does; every case must have that extra. Validation loss likewise.
 * ``val_every = 1``: validate every N epochs (and always after the last epoch); early-stopping
-  ``patience`` still counts epochs.
+  ``patience`` counts validations (as Lightning's), so ``val_every = 5, patience = 4`` stops after
+  4 validations, 20 epochs, without improvement.
 * ``max_minutes = None``: a time budget; training stops before an epoch that would end past it
   (estimated from the mean epoch time, earlier sessions of a resumed run included), after
   validating and checkpointing the last epoch. The learning-rate schedule still follows

@@ -57,6 +57,11 @@ def context_from_env() -> DistContext:
     return DistContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
 
 
+def local_world_size() -> int:
+    """Processes on this machine: torchrun's LOCAL_WORLD_SIZE (1 when not under torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if under_torchrun() else 1
+
+
 def init_distributed(device_type: str, timeout_minutes: float = 30.0) -> DistContext:
     """Join the torchrun process group (if any): NCCL for ``device_type == "cuda"``, else gloo."""
     ctx = context_from_env()
@@ -105,16 +110,6 @@ def _agree(flag: bool, device, how: str) -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-def shard_indices(n_items: int, rank: int, world_size: int) -> List[int]:
-    """Positions ``rank::world_size`` of ``range(n)`` padded (wrapping round) to a multiple of
-    ``world_size``, so every rank gets the same number of items and no rank waits for the others."""
-    if n_items < 1:
-        raise ValueError(f"n_items must be >= 1, got {n_items}")
-    per_rank = -(-n_items // world_size)
-    padded = [i % n_items for i in range(per_rank * world_size)]
-    return padded[rank::world_size]
 
 
 def torchrun_args(nproc_per_node: int, num_nodes: int = 1) -> List[str]:

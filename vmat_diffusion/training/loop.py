@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..case import Case
 from ..conventions import dose_to_unit, unit_to_dose
+from ..devices import check_processes_fit, cuda_bf16_is_native, resolve_device
 from ..gamma import gamma_pass_rate
 from ..host_memory import keep_freed_memory
 from ..schedule import NoiseSchedule
@@ -91,22 +92,6 @@ class NonFiniteLossError(RuntimeError):
 # --------------------------------------------------------------------------- devices and precision
 
 
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """"auto" -> cuda:<local_rank> when CUDA is available, else cpu; otherwise ``torch.device(name)``."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {name!r} requested but CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
 def cpu_has_amx() -> bool:
     """True on CPUs with AMX tiles (where bf16 convolutions are much faster than fp32)."""
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)
@@ -129,7 +114,7 @@ def resolve_precision(precision: str, device: torch.device) -> Tuple[Optional[to
             raise ValueError("precision: 16 (fp16 with loss scaling) needs a CUDA GPU; use bf16 or 32")
         return torch.float16, True
     if device.type == "cuda":
-        return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
+        return (torch.bfloat16, False) if cuda_bf16_is_native() else (torch.float16, True)
     if device.type == "cpu" and cpu_has_amx():
         return torch.bfloat16, False
     return None, False
@@ -442,8 +427,14 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.config
+        earlier = sorted((Path(cfg.log_dir) / cfg.exp_name / "checkpoints").glob("*.ckpt"))
+        if earlier and not cfg.resume:  # a fresh run would mix its checkpoints and logs with that run's
+            raise ValueError(f"log_dir: {earlier[0].parent.parent} already holds a run ({earlier[0].name}); "
+                             f"continue it with --resume {earlier[0].parent / 'last.ckpt'}, or choose another "
+                             "--exp_name or --log_dir, or delete that folder")
         wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
         self._owns_process_group = not dist_utils.is_distributed()
+        check_processes_fit(cfg.device, dist_utils.local_world_size())
         self.dist = dist_utils.init_distributed("cuda" if wants_cuda else "cpu")
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         if self.device.type == "cuda":
@@ -508,7 +499,7 @@ class Trainer:
         self.best: List[dict] = []
         self.best_val_mae: Optional[float] = None
         self.best_epoch: Optional[int] = None
-        self.epochs_without_improvement = 0
+        self.validations_without_improvement = 0
         self.epoch_times: List[float] = []
         self.elapsed_before = 0.0
         self.last_metrics: Dict[str, Optional[float]] = {}
@@ -568,9 +559,13 @@ class Trainer:
         self.model.load_state_dict(strip_module_prefix(checkpoint["model"]))
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.load_state_dict(checkpoint["ema"])
+            self.ema.decay = self.config.ema_decay  # the run's setting, which may be a new --ema_decay
         elif self.ema is not None:  # EMA switched on for a run trained without it: start from the weights
             self.ema = EMA(self.model, self.config.ema_decay)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        # load_state_dict restores each group's saved hyperparameters; the run's setting wins
+        # (group 0 holds the decayed weights: make_optimizer)
+        self.optimizer.param_groups[0]["weight_decay"] = self.config.weight_decay
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.epoch = int(checkpoint["epoch"])
@@ -579,7 +574,8 @@ class Trainer:
         stopping = checkpoint.get("early_stopping") or {}
         self.best_val_mae = stopping.get("best_val_mae_gy")
         self.best_epoch = stopping.get("best_epoch")
-        self.epochs_without_improvement = int(stopping.get("epochs_without_improvement", 0))
+        self.validations_without_improvement = int(stopping.get("validations_without_improvement",
+                                                                 stopping.get("epochs_without_improvement", 0)))
         history = checkpoint.get("history") or {}
         self.epoch_times = [float(t) for t in history.get("epoch_times_sec", [])]
         self.elapsed_before = float(history.get("elapsed_sec", 0.0))
@@ -681,10 +677,12 @@ class Trainer:
             dist_utils.barrier()
             if os.environ.get(TEST_EXIT_ENV) == str(epoch):
                 os._exit(TEST_EXIT_CODE)
-            if cfg.patience and self.epochs_without_improvement >= cfg.patience:
+            if cfg.patience and self.validations_without_improvement >= cfg.patience:
                 early_stopped = True
-                self._say(f"early stop: no better validation MAE for {cfg.patience} epochs "
-                          f"(best {self.best_val_mae:.3f} Gy at epoch {self.best_epoch})")
+                best = ("no finite validation MAE yet" if self.best_val_mae is None
+                        else f"best {self.best_val_mae:.3f} Gy at epoch {self.best_epoch}")
+                self._say(f"early stop: no better validation MAE in {cfg.patience} validations "
+                          f"(every {cfg.val_every} epoch(s); {best})")
                 break
             if stop_for_time and epoch < cfg.epochs:
                 stop_reason = "time budget"
@@ -724,12 +722,16 @@ class Trainer:
         losses: List[float] = []
         group: List[Dict[str, torch.Tensor]] = []
         bar = tqdm(total=self.micro_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not self.progress)
+        # The schedule follows the position in the epochs, not a step count: a run resumed with
+        # another batch size, accumulation or number of processes continues the same curve.
+        schedule_step = (epoch - 1) * self.steps_per_epoch
         for index, batch in enumerate(micro_batches(self.loader, cfg.batch_size)):
             group.append(batch)
             bar.update(1)
             if len(group) == cfg.accumulate_grad_batches or index == self.micro_per_epoch - 1:
-                set_lr(self.optimizer, cosine_lr(self.global_step, cfg.lr, cfg.min_lr, self.warmup_steps,
+                set_lr(self.optimizer, cosine_lr(schedule_step, cfg.lr, cfg.min_lr, self.warmup_steps,
                                                  self.total_steps))
+                schedule_step += 1
                 result = train_step(self.ddp_model, group, self.optimizer, self.objective, device=self.device,
                                     scaler=self.scaler, autocast_dtype=self.autocast_dtype,
                                     clip=cfg.gradient_clip, generator=self.train_generator, ema=self.ema)
@@ -767,12 +769,13 @@ class Trainer:
         return result.reduced(self.device)
 
     def _track_best(self, val_mae: Optional[float]) -> bool:
-        """Update the early-stopping counters; True when this epoch's MAE is a new best."""
+        """Update the early-stopping counter (validations without a better MAE; epochs that are
+        not validated do not count); True when this epoch's MAE ranks among the best kept."""
         if val_mae is not None and math.isfinite(val_mae) and (self.best_val_mae is None or val_mae < self.best_val_mae):
             self.best_val_mae, self.best_epoch = val_mae, self.epoch
-            self.epochs_without_improvement = 0
-        else:
-            self.epochs_without_improvement += 1
+            self.validations_without_improvement = 0
+        elif val_mae is not None:  # validated (a non-finite MAE counts as no improvement)
+            self.validations_without_improvement += 1
         # A checkpoint is kept when it ranks among the KEEP_BEST lowest MAEs so far.
         if val_mae is None or not math.isfinite(val_mae):
             return False
@@ -807,7 +810,7 @@ class Trainer:
             "global_step": self.global_step,
             "best": to_plain(self.best),
             "early_stopping": to_plain({"best_val_mae_gy": self.best_val_mae, "best_epoch": self.best_epoch,
-                                        "epochs_without_improvement": self.epochs_without_improvement}),
+                                        "validations_without_improvement": self.validations_without_improvement}),
             "history": {"epoch_times_sec": [float(t) for t in self.epoch_times], "elapsed_sec": float(elapsed)},
             "config": to_plain(cfg.to_dict()),
             "structures": list(self.catalog.structures),
