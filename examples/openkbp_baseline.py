@@ -21,8 +21,9 @@ Steps:
 
 The scores come from the LAST checkpoint (end of the cosine schedule), not the one with the best
 validation MAE, so the validation patients do not select the model they are scored on.
-Outputs: ``<work_dir>/results_<model>.json`` (``results_<exp_name>.json`` with ``--exp_name``; scores, per-patient numbers, training time,
-machine, exact command) and ``<work_dir>/runs/<exp_name>/`` (the Trainer's logs and checkpoints).
+Outputs: ``<work_dir>/results_<model>_<resolution>.json`` (``results_<exp_name>.json`` with
+``--exp_name``; scores, per-patient numbers, training time, machine, exact command) and
+``<work_dir>/runs/<exp_name>/`` (the Trainer's logs and checkpoints).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from vmat_diffusion.fileio import atomic_write_json
 from vmat_diffusion.inference import case_metrics, predict_case
 from vmat_diffusion.openkbp import import_openkbp
 from vmat_diffusion.training import TrainConfig, Trainer, load_checkpoint, load_model_from_checkpoint
+from vmat_diffusion.training.run_logs import refuse_earlier_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SPLIT, VAL_SPLIT = "train-pats", "validation-pats"
@@ -262,7 +264,7 @@ def parse_args(argv=None):
     p.add_argument("--score_only", action="store_true", help="skip training; score the run's last checkpoint")
     p.add_argument("--checkpoint", type=Path, default=None, help="score this checkpoint instead of last.ckpt")
     args = p.parse_args(argv)
-    args.results_file = f"results_{args.exp_name or args.model}.json"
+    args.results_file = f"results_{args.exp_name or args.model + '_' + args.resolution}.json"
     args.exp_name = args.exp_name or f"openkbp_{args.model}_{args.resolution}"
     args.loss = args.loss or ("l1" if args.model == "baseline" else "mse")
     if args.loss_mask is None:
@@ -273,6 +275,11 @@ def parse_args(argv=None):
     for forbidden in ("vmat_diffusion", "tests"):
         if (REPO_ROOT / forbidden) in (work, *work.parents):
             p.error(f"--work_dir must not be inside {REPO_ROOT / forbidden}")
+    if not args.score_only:
+        try:
+            refuse_earlier_run(args.work_dir / "runs" / args.exp_name, resuming=args.resume is not None)
+        except ValueError as e:
+            p.error(f"{e} (here log_dir is <work_dir>/runs)")
     return args
 
 

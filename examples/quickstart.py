@@ -6,6 +6,7 @@
 The same steps as ``vmat-demo``, written out so each call can be copied into a notebook.
 """
 import argparse
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ from vmat_diffusion.training import TrainConfig, Trainer, load_model_from_checkp
 
 def main(out: str = "quickstart_out", epochs: int = 8) -> None:
     out = Path(out)
+    # A second run of this script replaces the first (the Trainer refuses a fresh run into a run folder
+    # that holds checkpoints; to continue a run instead, pass TrainConfig(resume=".../last.ckpt")).
+    shutil.rmtree(out / "runs" / "quickstart", ignore_errors=True)
 
     # 1. Ten synthetic prostate phantoms (CT, 8 structures, a VMAT-like dose) as case files.
     write_phantoms(out / "phantoms", 10, shape=(64, 64, 48), spacing_mm=(6.0, 6.0, 6.0))

@@ -9,6 +9,7 @@ import pytest
 
 from vmat_diffusion.case import Case, CaseFormatError, load_case, save_case
 from vmat_diffusion.constraints import PROSTATE, constraint_vector
+from vmat_diffusion.conventions import holds_only_zeros_and_ones, mask_to_sdf
 from vmat_diffusion.structures import PROSTATE_STRUCTURES
 
 SHAPE = (6, 5, 4)
@@ -147,7 +148,7 @@ partly_absent[0] = -0.5
 
 
 @pytest.mark.parametrize("values, words", [
-    (binary, r"values in \[0, 1\] \(smallest value exactly 0: a binary 0/1 mask"),
+    (binary, r"values in \[0, 1\] \(only 0s and 1s: a binary mask, not an SDF\)"),
     (binary * 255, r"values in \[0, 255\]"),
     (partly_absent, r"values in \[-0.5, 2\]"),
     (-3.0 * binary - 0.5, r"values in \[-3.5, -0.5\]"),            # SDF in another scale
@@ -159,6 +160,21 @@ def test_sdf_values_outside_the_convention_are_refused(tmp_path, values, words):
     assert "mask_to_sdf(mask, spacing_mm)" in str(info.value)
     with pytest.raises(CaseFormatError, match="channel 3"):
         save_case(tmp_path / "out.npz", tiny_case(masks_sdf=_sdf_channel(values)))
+
+
+def test_sdf_of_a_thin_structure_averaged_to_half_resolution_loads(tmp_path):
+    # one contoured slice, block-averaged 2x2x2: inside and outside distances cancel to exactly 0
+    thin = np.zeros((8, 8, 8), bool)
+    thin[2:6, 2:6, 3] = True
+    sdf = mask_to_sdf(thin, (2.0, 2.0, 2.0))
+    half = sdf.reshape(4, 2, 4, 2, 4, 2).mean(axis=(1, 3, 5))
+    assert half.min() == 0.0 and not holds_only_zeros_and_ones(half)
+    masks = np.full((len(PROSTATE_STRUCTURES), 4, 4, 4), 2.0, np.float32)
+    masks[0] = half
+    case = tiny_case(ct=np.zeros((4, 4, 4), np.float32), dose=np.zeros((4, 4, 4), np.float32), masks_sdf=masks,
+                     extras={})
+    path = write_npz(tmp_path / "half.npz", **arrays_of(case))
+    assert load_case(path).masks_sdf[0].min() == 0.0
 
 
 @pytest.mark.parametrize("extra, words", [

@@ -61,12 +61,14 @@ def test_train_cli_refuses_processes_that_would_share_a_gpu(tmp_path, capsys):
 
 
 def test_auto_precision_uses_fp16_with_loss_scaling_where_bf16_is_emulated(two_gpus, monkeypatch):
-    # V100/T4: torch says bf16 is "supported" (emulated) unless emulation is excluded
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    cuda = torch.device("cuda", 0)
-    assert not devices.cuda_bf16_is_native()
-    assert loop.resolve_precision("auto", cuda) == (torch.float16, True)
-    assert autocast_dtype("auto", cuda) is None
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere+
-    assert loop.resolve_precision("auto", cuda) == (torch.bfloat16, False)
-    assert autocast_dtype("auto", cuda) == torch.bfloat16
+    # torch >= 2.3 says bf16 is "supported" on a V100 (emulated); 2.3 cannot be asked to exclude that
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    capability = {0: (7, 0), 1: (8, 0)}  # cuda:0 a V100, cuda:1 an A100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[torch.device(device).index])
+    v100, a100 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert not devices.cuda_bf16_is_native(v100) and devices.cuda_bf16_is_native(a100)
+    assert loop.resolve_precision("auto", v100) == (torch.float16, True)
+    assert autocast_dtype("auto", v100) is None
+    assert loop.resolve_precision("auto", a100) == (torch.bfloat16, False)
+    assert autocast_dtype("auto", a100) == torch.bfloat16

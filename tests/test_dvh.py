@@ -157,3 +157,9 @@ def test_bad_input_raises_clear_errors():
     bad[mask] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         dvh_metrics(bad, mask, SPACING)
+
+    class Prediction:  # what predict_case returns: the dose is its .dose_gy
+        dose_gy = dose
+    with pytest.raises(TypeError, match=r"dose: expected a numpy array or torch tensor, got Prediction "
+                                        r"\(its \.dose_gy is the dose array\)"):
+        dvh_metrics(Prediction(), mask, SPACING)

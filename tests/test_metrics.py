@@ -325,10 +325,12 @@ def test_goal_site_from_case_metadata():
 
     assert [r["goal"] for r in evaluate_goals(dose, case(site="head_neck"))] == ["SpinalCord Dmax<45Gy"]
     assert [r["goal"] for r in evaluate_goals(dose, case(site="prostate"))] == ["Cord Dmax<45Gy"]
-    for unnamed in (case(), case(site="lung")):
-        with pytest.raises(ValueError, match=r"\['PTV70', 'SpinalCord'\] fit more than one site \(prostate, "
-                                             r"head_neck\).*pass site="):
-            evaluate_goals(dose, unnamed)
+    with pytest.raises(ValueError, match=r"^structures \['PTV70', 'SpinalCord'\] fit more than one site \(prostate, "
+                                         r"head_neck\).*pass site="):
+        evaluate_goals(dose, case())
+    with pytest.raises(ValueError, match=r"^the case's metadata 'site' 'lung' is not one of \['prostate', 'head_neck'\], "
+                                         r"and structures \['PTV70', 'SpinalCord'\] fit more than one site"):
+        evaluate_goals(dose, case(site="lung"))
 
 
 def test_unknown_structures_raise_naming_them_and_the_sites():

@@ -26,8 +26,17 @@ def fake_openkbp(tmp_path_factory):
     return src
 
 
+def test_results_file_names_model_and_resolution(tmp_path):
+    # a --resolution full run must not overwrite the half-resolution results
+    example = load_example()
+    names = {resolution: example.parse_args(["--work_dir", str(tmp_path), "--resolution", resolution]).results_file
+             for resolution in ("half", "full")}
+    assert names == {"half": "results_baseline_half.json", "full": "results_baseline_full.json"}
+    assert example.parse_args(["--work_dir", str(tmp_path), "--exp_name", "run7"]).results_file == "results_run7.json"
+
+
 @pytest.mark.parametrize("model", ["baseline", "ddpm"])
-def test_example_trains_on_the_openkbp_split_and_scores(fake_openkbp, tmp_path, monkeypatch, model):
+def test_example_trains_on_the_openkbp_split_and_scores(fake_openkbp, tmp_path, monkeypatch, capsys, model):
     monkeypatch.setenv("VMAT_OPENKBP_DIR", str(fake_openkbp))
     example = load_example()
     work = tmp_path / "work"
@@ -40,10 +49,15 @@ def test_example_trains_on_the_openkbp_split_and_scores(fake_openkbp, tmp_path, 
     assert record["data"]["val_case_ids"] == ["pt_9"] and record["data"]["train_case_ids"] == ["pt_1", "pt_7"]
     assert record["hyperparameters"]["loss"] == ("l1" if model == "baseline" else "mse")
     assert record["hyperparameters"]["loss_mask"] == "possible_dose_mask"
-    saved = json.loads((work / f"results_{model}.json").read_text())
+    saved = json.loads((work / f"results_{model}_half.json").read_text())
     assert saved["summary"] == results["summary"]
     for scores in results["summary"].values():
         assert math.isfinite(scores["dose_score_gy"]) and math.isfinite(scores["dvh_score_gy_pooled"])
     assert len(results["per_patient"]["model"]) == 1
     assert results["per_patient"]["model_on_training_patients"][0]["case_id"] == "pt_1"
     assert math.isfinite(results["on_training_patients"]["dose_score_gy"])
+    if model == "baseline":  # the same command again would mix a second run into the first one's folder
+        with pytest.raises(SystemExit) as stop:
+            example.main(["--model", model, "--work_dir", str(work), "--epochs", "1"])
+        assert stop.value.code == 2
+        assert "already holds a run (last.ckpt); continue it with --resume" in capsys.readouterr().err

@@ -199,6 +199,15 @@ def test_cli_rejects_bad_shape(tmp_path, capsys):
     assert "at least 16" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0", "-4", "nan", "abc"])
+def test_cli_bad_spacing_names_the_flag(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as stop:
+        make_phantoms_main([str(tmp_path), "--n", "1", "--spacing", "4", "4", value])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "argument --spacing must be 3 finite positive numbers (mm)" in err
+    assert "spacing_mm" not in err and not list(tmp_path.iterdir())
+
+
 def test_cli_refuses_an_output_folder_that_is_a_file(tmp_path, capsys):
     target = tmp_path / "case.npz"
     target.write_bytes(b"not a folder")

@@ -204,6 +204,16 @@ def test_cli(data_dir, tmp_path, capsys):
     assert "a_file exists and is not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value, expected", [("-1", "fraction of the prescription in [0, 10]"),
+                                             ("x", "expected numbers")])
+def test_cli_bad_threshold_is_a_usage_error_naming_the_flag(data_dir, tmp_path, capsys, value, expected):
+    with pytest.raises(SystemExit) as stop:
+        build_store_main([str(data_dir), str(tmp_path / "s"), "--thresholds", "0.1", value, "--quiet"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "argument --thresholds:" in err and expected in err
+    assert not (tmp_path / "s").exists()
+
+
 def test_changed_case_id_replaces_the_old_folder(data_dir, tmp_path, phantom_cases):
     store_dir = tmp_path / "store"
     build_store(data_dir, store_dir, progress=False)

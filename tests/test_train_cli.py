@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -174,6 +175,14 @@ def test_log_dir_that_is_a_file_is_refused_before_training(phantom_dir, tmp_path
         assert code == 2 and f"log_dir: {not_a_folder} exists and is not a folder" in err
 
 
+def test_an_earlier_run_is_refused_before_processes_are_started(phantom_dir, tmp_path, capsys):
+    (tmp_path / "runs" / "vmat_dose" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "vmat_dose" / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run")
+    code = main(["--data_dir", str(phantom_dir), "--log_dir", str(tmp_path / "runs"), "--device", "cpu",
+                 "--devices", "2"])
+    assert code == 2 and "already holds a run (last.ckpt)" in capsys.readouterr().err
+
+
 def test_bad_choice_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--data_dir", "x", "--model", "gan"])
@@ -220,6 +229,23 @@ def test_bin_script_shows_help():
                  "--cooling_pause", "--model", "--precision", "--accumulate_grad_batches", "--ema", "--patience",
                  "--device"):
         assert flag in result.stdout, flag
+
+
+@pytest.mark.parametrize("script, flag", [("train_dose_ddpm.py", "--data_dir"),
+                                          ("inference_dose_ddpm.py", "--checkpoint")])
+def test_bin_scripts_run_from_a_source_checkout_without_the_installed_package(script, flag, tmp_path):
+    # python -S skips the site-packages .pth files (an editable install's hook); PYTHONPATH keeps
+    # torch and the other dependencies, so vmat_diffusion can only come from the script's checkout
+    env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]}
+    probe = subprocess.run([sys.executable, "-S", "-c", "import vmat_diffusion"], cwd=tmp_path, env=env,
+                           capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip("vmat_diffusion is installed into site-packages itself")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bin", script)
+    result = subprocess.run([sys.executable, "-S", path, "--help"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert flag in result.stdout
 
 
 def test_resume_adopts_unset_flags_and_every_switch_can_be_turned_back(monkeypatch):

@@ -116,6 +116,19 @@ def test_works_under_cpu_bfloat16_autocast():
     assert out.shape == (1, 1, 8, 8, 8) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("build", [tiny_simple, tiny_baseline])
+@pytest.mark.parametrize("constraints", [True, False])
+def test_model_cast_to_bfloat16_runs_in_bfloat16(build, constraints):
+    # model.bfloat16(): the constraint and timestep embeddings' inputs must follow the weights' dtype
+    model = build()
+    perturb_output_layer(model)
+    model = model.bfloat16()
+    x = torch.randn(2, model.config["in_channels"], 8, 8, 8, dtype=torch.bfloat16)
+    c = torch.randn(2, 5) if constraints else None  # float32 constraints are cast too
+    out = model(x, torch.tensor([5, 900]), c) if isinstance(model, SimpleUNet3D) else model(x, c)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 1, 8, 8, 8) and torch.isfinite(out).all()
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     x = torch.randn(1, 2, 8, 8, 8)
     c = torch.randn(1, 5)

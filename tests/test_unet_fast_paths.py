@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vmat_diffusion import BaselineUNet3D, SimpleUNet3D
-from vmat_diffusion.unet import _HalvesConv3d, _use_halves, conv3d, upsample2x
+from vmat_diffusion import BaselineUNet3D, SimpleUNet3D, unet
+from vmat_diffusion.unet import _HalvesConv3d, _use_halves, conv3d, group_norm_film, upsample2x
 
 
 @pytest.mark.parametrize("in_channels, out_channels, size, kernel", [(16, 32, 16, 3), (4, 4, 6, 3), (8, 8, 2, 3),
@@ -45,6 +45,70 @@ def test_halves_path_is_skipped_where_pytorch_is_fast():
     assert not _use_halves(conv, torch.randn(1, 8, 64, 64, 8))  # large enough for oneDNN
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not _use_halves(conv, torch.randn(1, 8, 8, 8, 8))
+
+
+@pytest.mark.parametrize("conv", [torch.nn.Conv3d(4, 6, 3, padding=0), torch.nn.Conv3d(4, 6, 3, padding=2),
+                                  torch.nn.Conv3d(4, 6, 1, stride=2), torch.nn.Conv3d(4, 6, 1, padding=1),
+                                  torch.nn.Conv3d(4, 6, 3, padding=1, stride=2)])
+def test_conv3d_of_a_convolution_that_is_not_same_equals_conv(conv):
+    # the halves and matmul paths hold only for "same" convolutions; anything else must be conv(x)
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 8, 6, 6).contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(conv3d(conv, x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def _plain_group_norm_film(h, norm, scale, shift):
+    """What ``group_norm_film`` computes, in plain ops: h (B, C, ...), scale and shift (B, C)."""
+    return norm(h) * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_film_equals_norm_then_film(batch, channels_last):
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(2, 6)
+    with torch.no_grad():  # non-default affine: a wrong gamma or beta term must show
+        norm.weight.normal_(1.0, 0.5)
+        norm.bias.normal_(0.0, 0.5)
+    h = torch.randn(batch, 6, 4, 6, 2)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last_3d)
+    scale, shift = torch.randn(batch, 6), torch.randn(batch, 6)
+    expected = _plain_group_norm_film(h, norm, scale, shift)
+    torch.testing.assert_close(group_norm_film(h, norm, scale, shift), expected, rtol=1e-5, atol=1e-5)
+
+
+def _forward_backward(model, x, args):
+    """Output, input gradient and parameter gradients of sum(model(x, *args) * fixed weights)."""
+    model.zero_grad()
+    x = x.clone().requires_grad_()
+    y = model(x, *args)
+    (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("cls", [BaselineUNet3D, SimpleUNet3D])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_whole_model_with_fast_paths_equals_plain_ops(cls, batch, monkeypatch):
+    torch.manual_seed(0)
+    model = cls(in_channels=3, base_channels=4, levels=3, groups=2)
+    with torch.no_grad():  # non-default GroupNorm affine and a non-zero output layer
+        for module in model.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.normal_(1.0, 0.5)
+                module.bias.normal_(0.0, 0.5)
+        model.backbone.output.weight.normal_()
+    x = torch.randn(batch, 3, 8, 8, 8)
+    constraints = torch.randn(batch, 13)
+    args = (constraints,) if cls is BaselineUNet3D else (torch.arange(batch) * 300 + 5, constraints)
+    fast = _forward_backward(model, x, args)
+    monkeypatch.setattr(unet, "conv3d", lambda conv, h: conv(h))
+    monkeypatch.setattr(unet, "upsample2x",
+                        lambda h: F.interpolate(h, scale_factor=2, mode="trilinear", align_corners=False))
+    monkeypatch.setattr(unet, "group_norm_film", _plain_group_norm_film)
+    plain = _forward_backward(model, x, args)
+    for fast_value, plain_value in zip(fast, plain):
+        torch.testing.assert_close(fast_value, plain_value, rtol=1e-4, atol=1e-4 * plain_value.abs().max().item())
 
 
 def _has_channels_last_strides(h: torch.Tensor) -> bool:

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .conventions import SDF_ABSENT, SDF_CLIP_MM
+from .conventions import SDF_ABSENT, SDF_CLIP_MM, holds_only_zeros_and_ones
 from .fileio import atomic_write
 
 REQUIRED_ARRAYS = ("ct", "dose", "masks_sdf", "constraints")
@@ -193,21 +193,23 @@ def _validate(case: Case, path) -> None:
 
 
 def _check_sdf_values(path, masks_sdf: np.ndarray, structures) -> None:
-    """Each channel is SDF_ABSENT everywhere, or a scaled SDF: values in [-1, 1], never exactly 0
-    as its minimum (``mask_to_sdf`` gives every voxel a non-zero distance; 0 as the smallest value
-    is what a binary 0/1 mask looks like). One min and one max per channel."""
+    """Each channel is SDF_ABSENT everywhere, or a scaled SDF: values in [-1, 1] and not only 0s
+    and 1s with some 0 (a binary mask: ``conventions.holds_only_zeros_and_ones``; 1 everywhere is
+    SDF_OUTSIDE, an SDF away from its structure). One min and one max per channel; the 0/1 test
+    only where the smallest value is 0 and the largest 0 or 1."""
     flat = masks_sdf.reshape(masks_sdf.shape[0], -1)
     if flat.shape[1] == 0:
         return
     lows, highs = flat.min(axis=1), flat.max(axis=1)
     for channel, (low, high) in enumerate(zip(lows.tolist(), highs.tolist())):
-        if low == high == SDF_ABSENT or (-1.0 <= low <= high <= 1.0 and low != 0.0):
+        binary = low == 0.0 and high in (0.0, 1.0) and holds_only_zeros_and_ones(flat[channel])
+        if low == high == SDF_ABSENT or (-1.0 <= low <= high <= 1.0 and not binary):
             continue
-        binary = " (smallest value exactly 0: a binary 0/1 mask, not an SDF)" if low == 0.0 else ""
+        detail = " (only 0s and 1s: a binary mask, not an SDF)" if binary else ""
         raise CaseFormatError(
             path, "masks_sdf",
-            f"channel {channel} ('{structures[channel]}') has values in [{low:g}, {high:g}]{binary}; expected a "
-            f"scaled signed distance in [-1, 1] (mm / {SDF_CLIP_MM:g}, negative inside, never 0), or "
+            f"channel {channel} ('{structures[channel]}') has values in [{low:g}, {high:g}]{detail}; expected a "
+            f"scaled signed distance in [-1, 1] (mm / {SDF_CLIP_MM:g}, negative inside), or "
             f"{SDF_ABSENT:g} everywhere for a structure that is not contoured. Binary masks must be converted "
             "first: vmat_diffusion.conventions.mask_to_sdf(mask, spacing_mm)")
 

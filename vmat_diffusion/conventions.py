@@ -67,6 +67,13 @@ def mask_to_sdf(mask: np.ndarray, spacing_mm, clip_mm: float = SDF_CLIP_MM) -> n
     return (np.clip(sdf, -clip_mm, clip_mm) / clip_mm).astype(np.float32)
 
 
+def holds_only_zeros_and_ones(values: np.ndarray) -> bool:
+    """True when every value is exactly 0 or 1: a 0/1 mask stored as numbers, never a scaled SDF
+    (``mask_to_sdf`` gives voxels on either side non-zero distances, and absent structures 2)."""
+    values = np.asarray(values)
+    return bool(((values == 0) | (values == 1)).all())
+
+
 def sdf_to_mask(sdf) -> np.ndarray:
     """Scaled SDF (any shape, numpy or torch) -> boolean mask of the inside (sdf < 0)."""
     return sdf < 0

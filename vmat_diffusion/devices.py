@@ -39,17 +39,18 @@ def resolve_device(name: Union[str, torch.device] = "auto", local_rank: int = 0)
     return device
 
 
-def cuda_bf16_is_native() -> bool:
-    """True when the current CUDA GPU computes in bfloat16 natively (compute capability >= 8.0).
+def cuda_bf16_is_native(device: Union[str, torch.device, None] = None) -> bool:
+    """True when the CUDA GPU ``device`` (default: the current one) computes in bfloat16 natively:
+    NVIDIA compute capability >= 8.0 (Ampere and later); on ROCm, what torch reports.
 
-    ``torch.cuda.is_bf16_supported()`` alone also says True on V100/T4, where bf16 is emulated
-    and slow; there fp16 with loss scaling is the mixed precision to use."""
+    Asked by capability, not by ``torch.cuda.is_bf16_supported()``, which by default also says
+    True on V100/T4, where bf16 is emulated and slow (fp16 with loss scaling is the mixed
+    precision to use there)."""
     if not torch.cuda.is_available():
         return False
-    try:
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # torch < 2.3 has no including_emulation and does not count emulation
+    if torch.version.hip:
         return bool(torch.cuda.is_bf16_supported())
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def check_processes_fit(device: str, processes_per_machine: int) -> None:

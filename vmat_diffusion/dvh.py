@@ -29,6 +29,8 @@ from typing import Dict, Iterable, Iterator, Tuple
 
 import numpy as np
 
+from .conventions import holds_only_zeros_and_ones
+
 MM3_PER_CC = 1000.0
 
 # Name -> percentile of the voxel doses (Dx = the (100 - x)th percentile).
@@ -42,9 +44,13 @@ def as_numpy(x, name: str = "array") -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
     try:
-        return np.asarray(x)
+        array = np.asarray(x)
     except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}") from None
+        array = None
+    if array is None or array.dtype.hasobject:
+        hint = " (its .dose_gy is the dose array)" if hasattr(x, "dose_gy") else ""
+        raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}{hint}")
+    return array
 
 
 def as_bool_mask(mask, name: str = "mask") -> np.ndarray:
@@ -62,9 +68,9 @@ def as_bool_mask(mask, name: str = "mask") -> np.ndarray:
         inside = m < 0
         if inside.any():  # an SDF (a 0/1 mask has no negative value); the common case costs one pass
             return inside
-        zeros = m == 0
-        if not (zeros | (m == 1)).all():
+        if not holds_only_zeros_and_ones(m):
             return inside  # an SDF with no voxel inside (e.g. SDF_ABSENT everywhere)
+        zeros = m == 0
         if not zeros.any() and m.size:
             raise ValueError(f"{name}: every value is 1.0, which is ambiguous (a 0/1 mask covering every "
                              "voxel, or a scaled SDF entirely outside its structure); pass a boolean mask "

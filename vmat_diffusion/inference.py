@@ -257,7 +257,7 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     if precision not in PRECISIONS:
         raise InferenceInputError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        if device.type == "cuda" and devices.cuda_bf16_is_native():
+        if device.type == "cuda" and devices.cuda_bf16_is_native(device):
             return torch.bfloat16
         return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from .case import Case
-from .constraints import SITES, Goal, SiteProtocol, site_for_structures
+from .constraints import SITES, Goal, SiteProtocol, UnknownSiteError, site_for_structures
 from .dvh import as_bool_mask, as_numpy, dvh_metrics, volume_receiving
 
 # OpenKBP's DVH metrics: organs at risk and targets.
@@ -193,7 +193,13 @@ def goal_site(case_or_masks: Union[Case, MaskMapping], site: Union[SiteProtocol,
         named = case_or_masks.metadata.get("site")
         if isinstance(named, str) and named in SITES:
             return SITES[named]
-        return site_for_structures(case_or_masks.structures)
+        try:
+            return site_for_structures(case_or_masks.structures)
+        except UnknownSiteError as e:
+            if named is None:
+                raise
+            raise UnknownSiteError(f"the case's metadata 'site' {named!r} is not one of {list(SITES)}, and "
+                                   f"{e}") from None
     return site_for_structures(case_or_masks)  # a mapping's keys
 
 

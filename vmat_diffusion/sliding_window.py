@@ -115,8 +115,9 @@ def sliding_window_inference(volume: torch.Tensor, predictor: Callable[..., torc
             rows of each window's volume) to (N, C_out, px, py, pz). It may run under autocast
             and return bf16/fp16: outputs are cast to float32 before accumulation. It must not
             write into its input: a single unpadded window is a view of ``volume`` (no copy), and
-            a predictor that modifies it in place raises ValueError (an inference-mode volume,
-            which cannot tell, gets copies instead).
+            an in-place write to it (``w.mul_``, ``ReLU(inplace=True)``, ...) raises ValueError
+            (writes through ``w.data`` or ``w.numpy()`` cannot be seen; an inference-mode volume,
+            which cannot tell at all, gets copies instead).
         patch_size: window size in voxels, int or (px, py, pz).
         overlap: minimum overlap of neighbouring windows in voxels, int or 3-tuple, < patch.
         batch_size: windows per predictor call; windows of different volumes share calls.

@@ -62,16 +62,19 @@ def embedding_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
 def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for x (B, C, X, Y, Z), computed the fastest way we know on CPU.
 
-    * 1x1x1 kernel, channels-last x: one matmul over the channel axis.
-    * float32 CPU input with batch 1 and channels x X x Y <= ``_ONEDNN_MIN_SIZE`` (where PyTorch
-      would pick its slow path): the volume is cut in two halves along X, each with ``padding``
-      rows of halo (zeros at the volume border), and the halves go through the convolution as a
-      batch of 2, which PyTorch hands to oneDNN.
-    * anything else (GPU, bf16 autocast, batches > 1, large levels): ``conv(x)``.
+    * 1x1x1 kernel with stride 1, no padding and groups 1, channels-last x: one matmul over the
+      channel axis.
+    * a "same" convolution (stride 1, dilation 1, groups 1, zero padding p on every side and
+      kernel_size[0] = 2p + 1) of a float32 CPU input with batch 1 and channels x X x Y <=
+      ``_ONEDNN_MIN_SIZE`` (where PyTorch would pick its slow path): the volume is cut in two
+      halves along X, each with p rows of halo (zeros at the volume border), and the halves go
+      through the convolution as a batch of 2, which PyTorch hands to oneDNN.
+    * anything else (other convolutions, GPU, bf16 autocast, batches > 1, large levels): ``conv(x)``.
 
     The results equal ``conv(x)`` up to float rounding; gradients flow as usual.
     """
-    if conv.kernel_size == (1, 1, 1) and conv.groups == 1 and x.is_contiguous(memory_format=torch.channels_last_3d):
+    if (conv.kernel_size == (1, 1, 1) and conv.stride == (1, 1, 1) and conv.padding == (0, 0, 0)
+            and conv.groups == 1 and x.is_contiguous(memory_format=torch.channels_last_3d)):
         # A 1x1x1 convolution of channels-last data is a matmul over the channel axis:
         # (B, X, Y, Z, C_in) @ (C_in, C_out). One GEMM; PyTorch's CPU conv would often take its
         # slow path here (it does for 1x1 kernels whenever it runs single-threaded).
@@ -83,14 +86,18 @@ def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _use_halves(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    """True where ``conv3d`` may run ``conv`` on the two X-halves of x (see its docstring)."""
+    padding = conv.padding  # a tuple of ints, or the string 'same' / 'valid'
+    same = (isinstance(padding, tuple) and len(set(padding)) == 1 and conv.kernel_size[0] == 2 * padding[0] + 1
+            and conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+    if not same:
+        return False
     batch, channels, size_x, size_y = x.shape[:4]
-    padding = conv.padding
     return (x.device.type == "cpu" and x.dtype == torch.float32 and batch == 1
             and channels * size_x * size_y <= _ONEDNN_MIN_SIZE and size_x % 2 == 0
             and size_x // 2 >= padding[0] and not torch.is_autocast_enabled("cpu")
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and conv.groups == 1 and conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1)
-            and isinstance(padding, tuple) and len(set(padding)) == 1 and conv.padding_mode == "zeros")
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
 class _HalvesConv3d(torch.autograd.Function):
@@ -326,15 +333,17 @@ class UNet3DBackbone(nn.Module):
         return conv3d(self.output, h).contiguous()
 
 
-def _constraint_input(constraints: torch.Tensor | None, batch: int, constraint_dim: int, like: torch.Tensor):
-    """Constraints (B, K) float32, or zeros when None; ValueError on a wrong shape."""
+def _constraint_input(constraints: torch.Tensor | None, batch: int, constraint_dim: int, like: torch.Tensor,
+                      dtype: torch.dtype):
+    """Constraints (B, K) as ``dtype`` (that of the constraint MLP's weights), or zeros when None;
+    ValueError on a wrong shape."""
     if constraints is None:
-        return torch.zeros(batch, constraint_dim, device=like.device, dtype=torch.float32)
+        return torch.zeros(batch, constraint_dim, device=like.device, dtype=dtype)
     if constraints.dim() != 2 or constraints.shape != (batch, constraint_dim):
         raise ValueError(
             f"constraints must be (B={batch}, constraint_dim={constraint_dim}) or None, got {tuple(constraints.shape)}"
         )
-    return constraints.float()
+    return constraints.to(dtype)
 
 
 class SimpleUNet3D(nn.Module):
@@ -400,8 +409,9 @@ class SimpleUNet3D(nn.Module):
         self.backbone.check_input(x)
         batch = x.shape[0]
         t = self._timestep_input(t, batch, x)
-        time_embedding = self.time_mlp(sinusoidal_embedding(t, self.time_dim))
-        constraint_embedding = self.constraint_mlp(_constraint_input(constraints, batch, self.constraint_dim, x))
+        time_embedding = self.time_mlp(sinusoidal_embedding(t, self.time_dim).to(self.time_mlp[0].weight.dtype))
+        constraint_embedding = self.constraint_mlp(
+            _constraint_input(constraints, batch, self.constraint_dim, x, self.constraint_mlp[0].weight.dtype))
         return self.backbone(x, torch.cat([time_embedding, constraint_embedding], dim=1))
 
 
@@ -452,5 +462,6 @@ class BaselineUNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor, constraints: torch.Tensor | None = None) -> torch.Tensor:
         self.backbone.check_input(x)
-        cond = self.constraint_mlp(_constraint_input(constraints, x.shape[0], self.constraint_dim, x))
+        cond = self.constraint_mlp(
+            _constraint_input(constraints, x.shape[0], self.constraint_dim, x, self.constraint_mlp[0].weight.dtype))
         return self.backbone(x, cond)

@@ -12,7 +12,20 @@ from typing import Optional, Sequence
 
 from ..case import CaseFormatError, find_cases
 from ..fileio import non_folder_on_path
-from ..store import DEFAULT_CACHE_NAME, DEFAULT_THRESHOLDS, build_store
+from ..store import DEFAULT_CACHE_NAME, DEFAULT_THRESHOLDS, build_store, centers_filename
+
+
+def _threshold(text: str) -> float:
+    """argparse type of ``--thresholds``: one dose threshold (fraction of Rx) that the store accepts."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers (fractions of Rx), got {text!r}") from None
+    try:
+        centers_filename(value)  # the store's rule for a threshold
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("data_dir", help="folder of .npz case files")
     parser.add_argument("store_dir", nargs="?", default=None,
                         help=f"store folder (default: DATA_DIR/{DEFAULT_CACHE_NAME})")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS),
+    parser.add_argument("--thresholds", type=_threshold, nargs="+", default=list(DEFAULT_THRESHOLDS),
                         help="dose thresholds (fraction of Rx) whose dose-biased patch centres are "
                              "precomputed (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="convert every case again")

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from ..phantom import write_phantoms
+from ..phantom import _check_spacing, write_phantoms
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=10, help="number of phantoms (default 10)")
     parser.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"),
                         help="voxels per axis, each >= 16 (default 96 96 64)")
-    parser.add_argument("--spacing", type=float, nargs=3, default=[4.0, 4.0, 4.0], metavar=("SX", "SY", "SZ"),
+    parser.add_argument("--spacing", nargs=3, default=[4.0, 4.0, 4.0], metavar=("SX", "SY", "SZ"),
                         help="voxel spacing in mm (default 4 4 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first phantom (default 0)")
     parser.add_argument("--prefix", default="phantom", help="file and case-id prefix (default 'phantom')")
@@ -26,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.spacing = _check_spacing(args.spacing, name="argument --spacing")
+    except ValueError as e:
+        parser.error(str(e))
     try:
         paths = write_phantoms(args.out_dir, args.n, shape=tuple(args.shape), spacing_mm=tuple(args.spacing),
                                seed=args.seed, prefix=args.prefix, progress=not args.quiet and sys.stderr.isatty())

@@ -15,7 +15,7 @@ training guide; ``--use_simple_unet`` is accepted for its command lines (SimpleU
 diffusion backbone). ``--devices N --strategy ddp`` outside torchrun prints the torchrun line and
 runs it on this machine (``--num_nodes M > 1``: prints the per-machine line and exits).
 
-Exit codes: 0 done (also after early stopping); 1 stopped by a non-finite loss; 2 bad input
+Exit codes: 0 done (also after early stopping); 1 stopped by a non-finite loss or gradient; 2 bad input
 (flag value, data folder, case file, checkpoint); 17 only from the test hook
 ``VMAT_TEST_EXIT_AFTER_EPOCH``.
 """
@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional, Sequence, Set
 
 from ..case import CaseFormatError
 from ..devices import check_processes_fit
+from ..training import distributed as dist_utils
 from ..training.checkpoint import CheckpointError, load_checkpoint
 from ..training.config import LOSSES, MODELS, PRECISIONS, PRECISION_ALIASES, SCHEDULES, STRATEGIES, TrainConfig
-from ..training import distributed as dist_utils
+from ..training.run_logs import refuse_earlier_run
 
 PROG = "vmat-train"
 
@@ -208,6 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if config.num_nodes == 1:  # this machine runs them: check now, not in every process
             try:
                 check_processes_fit(config.device, config.devices)
+                refuse_earlier_run(Path(config.log_dir) / config.exp_name, resuming=bool(config.resume))
             except ValueError as e:
                 return _error(str(e))
         line = dist_utils.torchrun_command_line(argv, config.devices, config.num_nodes)

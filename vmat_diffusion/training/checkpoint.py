@@ -11,6 +11,7 @@ Format (a dict saved with ``torch.save``; only tensors and plain Python values, 
     ema              {"decay", "num_updates", "module": state_dict} or None
     optimizer        AdamW state_dict
     scheduler        {"name": "cosine", "base_lr", "min_lr", "warmup_steps", "total_steps", "step"}
+                     (schedule position of the next step: epochs done x optimizer steps per epoch)
     scaler           GradScaler state_dict ({} when fp16 loss scaling is off)
     epoch            epochs completed (1-based count; training resumes with the next one)
     global_step      optimizer steps taken

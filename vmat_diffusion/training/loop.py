@@ -72,7 +72,7 @@ from .data import (CaseCatalog, CaseReader, CaseSplit, EpochSampler, PatchDatase
                    select_cases, split_cases, split_with_validation)
 from .ema import EMA, unwrap_model
 from .losses import Objective, autocast_context, noise_loss, regression_loss
-from .run_logs import RunLog, count_parameters, environment_info, slice_panel, utc_now
+from .run_logs import RunLog, count_parameters, environment_info, refuse_earlier_run, slice_panel, utc_now
 
 TEST_EXIT_ENV = "VMAT_TEST_EXIT_AFTER_EPOCH"  # test hook: os._exit(17) right after that epoch's last.ckpt
 TEST_EXIT_CODE = 17
@@ -81,12 +81,14 @@ MASK_EXTRAS = ("possible_dose_mask", "body_mask", "body")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; the run stops without writing a checkpoint for that step."""
+    """The loss or the gradient became NaN or Inf; the run stops without writing a checkpoint for that step."""
 
-    def __init__(self, epoch: int, step: int, loss: float):
-        self.epoch, self.step, self.loss = epoch, step, loss
-        super().__init__(f"non-finite loss at epoch {epoch} step {step} (loss = {loss}); no checkpoint was "
-                         "written for it. Try a lower --lr, --precision 32, or --skip_nonfinite to skip such steps")
+    def __init__(self, epoch: int, step: int, loss: float, grad_norm: float = float("nan")):
+        self.epoch, self.step, self.loss, self.grad_norm = epoch, step, loss, grad_norm
+        what = "loss" if not math.isfinite(loss) else "gradient"
+        super().__init__(f"non-finite {what} at epoch {epoch} step {step} (loss = {loss}, gradient norm = "
+                         f"{grad_norm}); no checkpoint was written for it. Try a lower --lr, --precision 32, or "
+                         "--skip_nonfinite to skip such steps")
 
 
 # --------------------------------------------------------------------------- devices and precision
@@ -114,7 +116,7 @@ def resolve_precision(precision: str, device: torch.device) -> Tuple[Optional[to
             raise ValueError("precision: 16 (fp16 with loss scaling) needs a CUDA GPU; use bf16 or 32")
         return torch.float16, True
     if device.type == "cuda":
-        return (torch.bfloat16, False) if cuda_bf16_is_native() else (torch.float16, True)
+        return (torch.bfloat16, False) if cuda_bf16_is_native(device) else (torch.float16, True)
     if device.type == "cpu" and cpu_has_amx():
         return torch.bfloat16, False
     return None, False
@@ -169,8 +171,8 @@ def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str,
 @dataclass
 class StepResult:
     loss: float        # mean loss of the micro-batches (before any scaling)
-    finite: bool       # False: the loss was NaN/Inf on some process and no step was taken
-    grad_norm: float   # gradient norm before clipping (NaN when no step was taken)
+    finite: bool       # False: the loss or the gradient was NaN/Inf on some process and no step was taken
+    grad_norm: float   # gradient norm before clipping (NaN when the loss was not finite)
 
 
 def train_step(model: nn.Module, batches: Sequence[Dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
@@ -182,7 +184,10 @@ def train_step(model: nn.Module, batches: Sequence[Dict[str, torch.Tensor]], opt
     Each micro-batch's loss is divided by ``len(batches)`` before backward, so the step sees the
     mean gradient. Under DDP the gradient all-reduce happens only on the last micro-batch.
     The finiteness of the loss is agreed on by all processes; when it is not finite the
-    gradients are dropped and nothing is updated.
+    gradients are dropped and nothing is updated. Without a GradScaler the same holds for a
+    non-finite gradient with a finite loss (seen with bf16 autocast on the CPU, whose conv3d
+    backward now and then returns NaN weight gradients); with one (fp16) the scaler skips such
+    steps itself and lowers its scale.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     scaler = scaler if scaler is not None and scaler.is_enabled() else None
@@ -206,6 +211,9 @@ def train_step(model: nn.Module, batches: Sequence[Dict[str, torch.Tensor]], opt
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = clip if clip is not None else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if scaler is None and not dist_utils.all_true(math.isfinite(grad_norm), device):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=mean_loss, finite=False, grad_norm=grad_norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -427,11 +435,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.config
-        earlier = sorted((Path(cfg.log_dir) / cfg.exp_name / "checkpoints").glob("*.ckpt"))
-        if earlier and not cfg.resume:  # a fresh run would mix its checkpoints and logs with that run's
-            raise ValueError(f"log_dir: {earlier[0].parent.parent} already holds a run ({earlier[0].name}); "
-                             f"continue it with --resume {earlier[0].parent / 'last.ckpt'}, or choose another "
-                             "--exp_name or --log_dir, or delete that folder")
+        refuse_earlier_run(Path(cfg.log_dir) / cfg.exp_name, resuming=bool(cfg.resume))
         wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
         self._owns_process_group = not dist_utils.is_distributed()
         check_processes_fit(cfg.device, dist_utils.local_world_size())
@@ -739,8 +743,9 @@ class Trainer:
                 if not result.finite:
                     if not cfg.skip_nonfinite:
                         bar.close()
-                        raise NonFiniteLossError(epoch, self.global_step + 1, result.loss)
-                    self._say(f"skipped step {self.global_step + 1} of epoch {epoch}: non-finite loss {result.loss}")
+                        raise NonFiniteLossError(epoch, self.global_step + 1, result.loss, result.grad_norm)
+                    self._say(f"skipped step {self.global_step + 1} of epoch {epoch}: non-finite loss or gradient "
+                              f"(loss {result.loss}, gradient norm {result.grad_norm})")
                 else:
                     self.global_step += 1
                     losses.append(result.loss)
@@ -804,7 +809,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": {"name": "cosine", "base_lr": cfg.lr, "min_lr": cfg.min_lr,
                           "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
-                          "step": self.global_step},
+                          "step": self.epoch * self.steps_per_epoch},  # the next step's schedule position
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "epoch": self.epoch,
             "global_step": self.global_step,
