@@ -10,8 +10,10 @@ from pathlib import Path
 
 try:
     from vmat_diffusion.cli.infer import main
-except ImportError:  # run from a source checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+except ModuleNotFoundError as missing:
+    if missing.name != "vmat_diffusion":  # a dependency is missing: say so, not a second traceback
+        raise
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout, not installed
     from vmat_diffusion.cli.infer import main
 
 if __name__ == "__main__":

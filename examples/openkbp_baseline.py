@@ -277,9 +277,10 @@ def parse_args(argv=None):
             p.error(f"--work_dir must not be inside {REPO_ROOT / forbidden}")
     if not args.score_only:
         try:
-            refuse_earlier_run(args.work_dir / "runs" / args.exp_name, resuming=args.resume is not None)
+            refuse_earlier_run(args.work_dir / "runs" / args.exp_name, resuming=args.resume is not None,
+                               elsewhere="--exp_name or --work_dir")
         except ValueError as e:
-            p.error(f"{e} (here log_dir is <work_dir>/runs)")
+            p.error(str(e))
     return args
 
 

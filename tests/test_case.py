@@ -143,12 +143,16 @@ def test_sdf_channels_that_are_absent_or_outside_everywhere_load(tmp_path):
 
 binary = np.zeros(SHAPE, np.float32)
 binary[1:3, 1:3, 1:3] = 1.0
+averaged = np.zeros(SHAPE, np.float32)    # a 0/1 mask resampled: fractions on its border
+averaged[1:4, 1:4, 1:3] = 1.0
+averaged[4, 1:4, 1:3] = 0.5
 partly_absent = np.full(SHAPE, 2.0, np.float32)
 partly_absent[0] = -0.5
 
 
 @pytest.mark.parametrize("values, words", [
-    (binary, r"values in \[0, 1\] \(only 0s and 1s: a binary mask, not an SDF\)"),
+    (binary, r"values in \[0, 1\] \(only 0s and 1s, or mostly exact 0s: a binary or averaged mask"),
+    (averaged, r"values in \[0, 1\] \(only 0s and 1s, or mostly exact 0s: a binary or averaged mask"),
     (binary * 255, r"values in \[0, 255\]"),
     (partly_absent, r"values in \[-0.5, 2\]"),
     (-3.0 * binary - 0.5, r"values in \[-3.5, -0.5\]"),            # SDF in another scale

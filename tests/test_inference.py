@@ -422,6 +422,7 @@ def test_case_metrics_without_a_fitting_site_records_no_goals():
     assert case_metrics(case.dose, case, compute_gamma=False)["goals_site"] == "prostate"  # metadata 'site'
     metrics = case_metrics(case.dose * 1.1, _rename_structures(case, "custom"), compute_gamma=False)
     assert (metrics["goals_site"], metrics["goals"], metrics["goals_agree"], metrics["goals_total"]) == (None,) * 4
+    assert "fit no site" in metrics["goals_not_checked"]
     assert metrics["dvh_score"] > 0.0 and len(metrics["dvh_metrics"]) == len(case.structures)
     json.dumps(metrics)
 

@@ -60,4 +60,5 @@ def test_example_trains_on_the_openkbp_split_and_scores(fake_openkbp, tmp_path, 
         with pytest.raises(SystemExit) as stop:
             example.main(["--model", model, "--work_dir", str(work), "--epochs", "1"])
         assert stop.value.code == 2
-        assert "already holds a run (last.ckpt); continue it with --resume" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "already holds a run (last.ckpt); continue it with --resume" in err and "--work_dir" in err

@@ -188,7 +188,7 @@ def test_non_finite_step_changes_nothing():
     batch = random_batch()
     batch["dose"][0, 0, 0, 0, 0] = float("nan")
     result = train_step(model, [batch], optimizer, Objective("baseline", 70.0))
-    assert not result.finite and math.isnan(result.loss)
+    assert not result.finite and math.isnan(result.loss) and result.non_finite == "loss"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -203,8 +203,19 @@ def test_non_finite_gradient_with_a_finite_loss_changes_nothing():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = train_step(model, [random_batch()], optimizer, Objective("baseline", 70.0), ema=ema)
     assert not result.finite and math.isfinite(result.loss) and math.isnan(result.grad_norm)
+    assert result.non_finite == "gradient"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not optimizer.state and ema.num_updates == 0
+
+
+def test_a_non_finite_loss_on_another_process_is_reported_as_a_loss(monkeypatch):
+    # under DDP all processes agree; here this process's loss is finite, another's was NaN
+    monkeypatch.setattr(loop.dist_utils, "all_true", lambda flag, device: False)
+    model = new_model("baseline", N_STRUCT, K, 4, 2)
+    result = train_step(model, [random_batch()], make_optimizer(model), Objective("baseline", 70.0))
+    assert not result.finite and math.isfinite(result.loss) and result.non_finite == "loss"
+    assert "non-finite loss at epoch 1 step 1" in str(NonFiniteLossError(1, 1, result.loss, result.grad_norm,
+                                                                         result.non_finite))
 
 
 def test_ema_follows_with_warmup():

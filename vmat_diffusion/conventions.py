@@ -68,8 +68,9 @@ def mask_to_sdf(mask: np.ndarray, spacing_mm, clip_mm: float = SDF_CLIP_MM) -> n
 
 
 def holds_only_zeros_and_ones(values: np.ndarray) -> bool:
-    """True when every value is exactly 0 or 1: a 0/1 mask stored as numbers, never a scaled SDF
-    (``mask_to_sdf`` gives voxels on either side non-zero distances, and absent structures 2)."""
+    """True when every value is exactly 0 or 1. With at least one 0 that is a 0/1 mask stored as
+    numbers, never a scaled SDF (``mask_to_sdf`` gives voxels on either side non-zero distances);
+    1 everywhere is ambiguous (SDF_OUTSIDE everywhere is a valid SDF)."""
     values = np.asarray(values)
     return bool(((values == 0) | (values == 1)).all())
 

@@ -17,7 +17,7 @@ build-up region (depth measured to the elliptical body outline), and a broad Gau
 The arc conformed to PTV56 and the boost arc conformed to PTV70 are weighted (non-negative least
 squares) so PTV56-only gets 56 Gy and PTV70 70 Gy on average; the sum is then scaled so the PTV70
 mean is exactly 70 Gy. Dose outside the body is 0. Means, not coverage: without modulation the
-superior end of PTV56, away from the boost, gets about half (PTV56 D95 28-34 Gy for seeds 0-3).
+superior end of PTV56, away from the boost, gets about half (figures in README, Built-in phantoms).
 """
 from __future__ import annotations
 

@@ -351,13 +351,10 @@ def run(args) -> int:
                     metric_cases.append(metrics)
                     if metrics["goals_site"] is None and not goals_noted:
                         goals_noted = True
-                        named = case.metadata.get("site")
-                        why = (f"its metadata 'site' {named!r} is none of" if named is not None else
-                               f"its structures {case.structures} fit no single site of")
-                        print(f"note: {case.case_id}: clinical goals not checked: {why} the constraint table's "
-                              f"({', '.join(SITES)}); set metadata 'site' in the case file to one of them to "
-                              "check its goals. Goals are null in metrics.json for such cases (this note is "
-                              "shown once)", file=sys.stderr)
+                        print(f"note: {case.case_id}: clinical goals not checked: {metrics['goals_not_checked']}; "
+                              f"set metadata 'site' in the case file to one of {', '.join(SITES)} to check its "
+                              "goals. Goals are null in metrics.json for such cases (this note is shown once)",
+                              file=sys.stderr)
                     line += f" | {_metrics_line(metrics)}"
                 write_metrics(out_path.parent, settings, metric_cases, skipped)
             if not args.quiet:

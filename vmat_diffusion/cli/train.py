@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--patience", type=int, default=d.patience,
                      help="early stop after this many validations without a better val MAE (0: never)")
     opt.add_argument("--skip_nonfinite", action=argparse.BooleanOptionalAction, default=d.skip_nonfinite,
-                     help="skip steps with a NaN/Inf loss instead of stopping the run")
+                     help="skip steps with a NaN/Inf loss or gradient instead of stopping the run")
 
     val = p.add_argument_group("validation")
     val.add_argument("--val_overlap", type=int, default=None, help="sliding-window overlap (default patch_size/4)")

@@ -6,7 +6,7 @@ Pieces a research loop can reuse on their own:
 * ``train_step(model, micro_batches, optimizer, objective, ...)``: one optimizer step over one
   or more micro-batches (gradient accumulation), autocast, GradScaler, clipping at
   ``clip`` after ``unscale_``, EMA update; returns a ``StepResult`` and never steps on a
-  non-finite loss.
+  non-finite loss or (without fp16 loss scaling, whose scaler skips such steps) gradient.
 * ``validate(model, cases, objective, ...)``: whole-volume validation (sliding windows).
 * ``cosine_lr``, ``resolve_precision``, ``make_optimizer`` and, in ``checkpoint.py``,
   ``save_checkpoint`` / ``load_checkpoint`` / ``load_model_from_checkpoint``.
@@ -32,9 +32,9 @@ Exact resume: at the start of epoch ``e`` every RNG of a process is reseeded fro
 ``(seed, e, rank)``, and the patches of epoch ``e`` depend only on ``(seed, e, rank, item)``
 (``training.data``), so the state at an epoch boundary is fully given by the checkpoint; on CPU a
 run resumed from ``last.ckpt`` ends with bit-identical weights (use ``deterministic`` on GPUs).
-Non-finite losses: ``NonFiniteLossError`` ("non-finite loss at epoch E step S") stops the run
-before the step is applied, or the step is skipped with ``skip_nonfinite``; no checkpoint is
-written for it.
+Non-finite losses and gradients: ``NonFiniteLossError`` ("non-finite loss (or gradient) at epoch
+E step S") stops the run before the step is applied, or the step is skipped with
+``skip_nonfinite``; no checkpoint is written for it.
 """
 from __future__ import annotations
 
@@ -83,9 +83,8 @@ MASK_EXTRAS = ("possible_dose_mask", "body_mask", "body")
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient became NaN or Inf; the run stops without writing a checkpoint for that step."""
 
-    def __init__(self, epoch: int, step: int, loss: float, grad_norm: float = float("nan")):
+    def __init__(self, epoch: int, step: int, loss: float, grad_norm: float = float("nan"), what: str = "loss"):
         self.epoch, self.step, self.loss, self.grad_norm = epoch, step, loss, grad_norm
-        what = "loss" if not math.isfinite(loss) else "gradient"
         super().__init__(f"non-finite {what} at epoch {epoch} step {step} (loss = {loss}, gradient norm = "
                          f"{grad_norm}); no checkpoint was written for it. Try a lower --lr, --precision 32, or "
                          "--skip_nonfinite to skip such steps")
@@ -173,6 +172,7 @@ class StepResult:
     loss: float        # mean loss of the micro-batches (before any scaling)
     finite: bool       # False: the loss or the gradient was NaN/Inf on some process and no step was taken
     grad_norm: float   # gradient norm before clipping (NaN when the loss was not finite)
+    non_finite: str = ""  # what was not finite (on some process): "loss" or "gradient"
 
 
 def train_step(model: nn.Module, batches: Sequence[Dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
@@ -205,7 +205,7 @@ def train_step(model: nn.Module, batches: Sequence[Dict[str, torch.Tensor]], opt
     mean_loss = float(total) / len(batches)
     if not dist_utils.all_true(math.isfinite(mean_loss), device):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=mean_loss, finite=False, grad_norm=float("nan"))
+        return StepResult(loss=mean_loss, finite=False, grad_norm=float("nan"), non_finite="loss")
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
@@ -213,7 +213,7 @@ def train_step(model: nn.Module, batches: Sequence[Dict[str, torch.Tensor]], opt
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     if scaler is None and not dist_utils.all_true(math.isfinite(grad_norm), device):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=mean_loss, finite=False, grad_norm=grad_norm)
+        return StepResult(loss=mean_loss, finite=False, grad_norm=grad_norm, non_finite="gradient")
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -435,7 +435,8 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.config
-        refuse_earlier_run(Path(cfg.log_dir) / cfg.exp_name, resuming=bool(cfg.resume))
+        refuse_earlier_run(Path(cfg.log_dir) / cfg.exp_name, resuming=bool(cfg.resume),
+                           elsewhere="exp_name or log_dir (--exp_name, --log_dir)")
         wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
         self._owns_process_group = not dist_utils.is_distributed()
         check_processes_fit(cfg.device, dist_utils.local_world_size())
@@ -743,8 +744,9 @@ class Trainer:
                 if not result.finite:
                     if not cfg.skip_nonfinite:
                         bar.close()
-                        raise NonFiniteLossError(epoch, self.global_step + 1, result.loss, result.grad_norm)
-                    self._say(f"skipped step {self.global_step + 1} of epoch {epoch}: non-finite loss or gradient "
+                        raise NonFiniteLossError(epoch, self.global_step + 1, result.loss, result.grad_norm,
+                                                 result.non_finite)
+                    self._say(f"skipped step {self.global_step + 1} of epoch {epoch}: non-finite {result.non_finite} "
                               f"(loss {result.loss}, gradient norm {result.grad_norm})")
                 else:
                     self.global_step += 1
