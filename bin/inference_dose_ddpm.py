@@ -6,15 +6,10 @@
 See ``python bin/inference_dose_ddpm.py --help`` and ``vmat_diffusion/cli/infer.py``.
 """
 import sys
-from pathlib import Path
 
-try:
-    from vmat_diffusion.cli.infer import main
-except ModuleNotFoundError as missing:
-    if missing.name != "vmat_diffusion":  # a dependency is missing: say so, not a second traceback
-        raise
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout, not installed
-    from vmat_diffusion.cli.infer import main
+from _cli_main import cli_main  # bin/ is on sys.path when a script here runs
+
+main = cli_main("infer", "inference_dose_ddpm.py")
 
 if __name__ == "__main__":
     sys.exit(main())

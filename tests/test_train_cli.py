@@ -180,7 +180,9 @@ def test_an_earlier_run_is_refused_before_processes_are_started(phantom_dir, tmp
     (tmp_path / "runs" / "vmat_dose" / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run")
     code = main(["--data_dir", str(phantom_dir), "--log_dir", str(tmp_path / "runs"), "--device", "cpu",
                  "--devices", "2"])
-    assert code == 2 and "already holds a run (last.ckpt)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "already holds a run (last.ckpt); continue it with --resume " in err
+    assert "choose another --exp_name or --log_dir" in err
 
 
 def test_bad_choice_is_an_argparse_error(capsys):

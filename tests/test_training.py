@@ -214,8 +214,9 @@ def test_a_non_finite_loss_on_another_process_is_reported_as_a_loss(monkeypatch)
     model = new_model("baseline", N_STRUCT, K, 4, 2)
     result = train_step(model, [random_batch()], make_optimizer(model), Objective("baseline", 70.0))
     assert not result.finite and math.isfinite(result.loss) and result.non_finite == "loss"
-    assert "non-finite loss at epoch 1 step 1" in str(NonFiniteLossError(1, 1, result.loss, result.grad_norm,
-                                                                         result.non_finite))
+    message = str(NonFiniteLossError(1, 1, result.loss, result.grad_norm, result.non_finite))
+    assert message.startswith("non-finite loss on another process at epoch 1 step 1")
+    assert str(NonFiniteLossError(1, 1, 0.5, float("nan"))).startswith("non-finite gradient at epoch 1 step 1")
 
 
 def test_ema_follows_with_warmup():
@@ -355,7 +356,8 @@ def test_patience_shorter_than_the_validation_interval_waits_for_validations(pha
 
 def test_a_fresh_run_into_a_folder_that_holds_a_run_is_refused(phantom_dir, tmp_path):
     Trainer(tiny_config(phantom_dir, tmp_path, epochs=1)).fit()
-    with pytest.raises(ValueError, match=r"already holds a run .*--resume .*last\.ckpt.*--exp_name"):
+    with pytest.raises(ValueError, match=r"already holds a run .*continue it with resume= .*last\.ckpt, or choose "
+                                         r"another exp_name or log_dir"):
         Trainer(tiny_config(phantom_dir, tmp_path, epochs=1, lr=5e-4)).fit()
     summary = Trainer(tiny_config(phantom_dir, tmp_path, epochs=1, exp_name="other")).fit()
     assert summary["epochs_completed"] == 1

@@ -29,13 +29,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .conventions import SDF_ABSENT, SDF_CLIP_MM, holds_only_zeros_and_ones
+from .conventions import SDF_ABSENT, SDF_CLIP_MM, is_stored_mask
 from .fileio import atomic_write
 
 REQUIRED_ARRAYS = ("ct", "dose", "masks_sdf", "constraints")
-# A masks_sdf channel with no negative value and at least this fraction of exact zeros is a mask's
-# background, not a distance (an SDF is 0 only where averaging cancels inside and outside).
-MASK_ZERO_FRACTION = 0.25
 REQUIRED_METADATA = ("case_id", "structures", "spacing_mm", "rx_dose_gy")
 
 
@@ -196,21 +193,16 @@ def _validate(case: Case, path) -> None:
 
 
 def _check_sdf_values(path, masks_sdf: np.ndarray, structures) -> None:
-    """Each channel is SDF_ABSENT everywhere, or a scaled SDF: values in [-1, 1], and not a mask
-    stored as numbers: smallest value exactly 0 and either only 0s and 1s
-    (``conventions.holds_only_zeros_and_ones``) or at least MASK_ZERO_FRACTION exact zeros (a
-    resampled or averaged mask's background). 1 everywhere is SDF_OUTSIDE, an SDF away from its
-    structure; an SDF averaged to a coarser grid can hold a few exact zeros where a structure one
-    voxel thin vanishes. One min and one max per channel; the mask tests only where the smallest
+    """Each channel is SDF_ABSENT everywhere, or a scaled SDF: values in [-1, 1] and not a mask
+    stored as numbers (``conventions.is_stored_mask``; 1 everywhere is SDF_OUTSIDE, an SDF away
+    from its structure). One min and one max per channel; the mask test only where the smallest
     value is 0."""
     flat = masks_sdf.reshape(masks_sdf.shape[0], -1)
     if flat.shape[1] == 0:
         return
     lows, highs = flat.min(axis=1), flat.max(axis=1)
     for channel, (low, high) in enumerate(zip(lows.tolist(), highs.tolist())):
-        values = flat[channel]
-        mask_like = low == 0.0 and high <= 1.0 and (
-            holds_only_zeros_and_ones(values) or np.count_nonzero(values == 0) >= MASK_ZERO_FRACTION * values.size)
+        mask_like = low == 0.0 and is_stored_mask(flat[channel])
         if low == high == SDF_ABSENT or (-1.0 <= low <= high <= 1.0 and not mask_like):
             continue
         detail = " (only 0s and 1s, or mostly exact 0s: a binary or averaged mask, not an SDF)" if mask_like else ""

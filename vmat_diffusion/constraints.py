@@ -106,7 +106,13 @@ SITES: Dict[str, SiteProtocol] = {"prostate": PROSTATE, "head_neck": HEAD_NECK}
 
 
 class UnknownSiteError(ValueError):
-    """No site, or more than one, fits a list of structure names (``site_for_structures``)."""
+    """No site, or more than one, fits a list of structure names (``site_for_structures``).
+
+    ``reason``: why, without the advice on what to pass (for a note such as vmat-infer's)."""
+
+    def __init__(self, reason: str, advice: str = ""):
+        self.reason = reason
+        super().__init__(reason + advice)
 
 
 def site_for_structures(structures: Iterable[str]) -> SiteProtocol:
@@ -125,8 +131,8 @@ def site_for_structures(structures: Iterable[str]) -> SiteProtocol:
     else:
         problem = "fit no site (" + "; ".join(
             f"{site.name} lacks {[n for n in names if n not in site.known_structures]}" for site in SITES.values()) + ")"
-    raise UnknownSiteError(f"structures {names} {problem}; known sites: {list(SITES)} "
-                           "(constraints.SITES); pass site= one of them or a SiteProtocol")
+    raise UnknownSiteError(f"structures {names} {problem}",
+                           f"; known sites: {list(SITES)} (constraints.SITES); pass site= one of them or a SiteProtocol")
 
 
 def constraint_vector(site: SiteProtocol, present: Iterable[str], rx_dose_gy: float) -> np.ndarray:

@@ -29,7 +29,7 @@ from typing import Dict, Iterable, Iterator, Tuple
 
 import numpy as np
 
-from .conventions import holds_only_zeros_and_ones
+from .conventions import holds_only_zeros_and_ones, is_stored_mask
 
 MM3_PER_CC = 1000.0
 
@@ -57,9 +57,10 @@ def as_bool_mask(mask, name: str = "mask") -> np.ndarray:
     """Structure mask (any shape) -> boolean array of the inside, same shape.
 
     bool: as is. Integers: non-zero. Floats: a 0/1 mask (every value exactly 0 or 1, at least
-    one 0) is inside where 1; any other float array is a scaled SDF, inside where < 0. A float
-    array of nothing but 1.0 is ambiguous (a 0/1 mask of every voxel, or an SDF far outside its
-    structure, e.g. a patch) and raises ValueError naming ``name``: pass a boolean mask.
+    one 0) is inside where 1; any other float array is a scaled SDF, inside where < 0. ValueError
+    naming ``name`` for a resampled 0/1 mask (fractions between mostly exact zeros:
+    ``conventions.is_stored_mask``; threshold it first) and for nothing but 1.0, which is
+    ambiguous (a 0/1 mask of every voxel, or an SDF far outside its structure, e.g. a patch).
     """
     m = as_numpy(mask, name)
     if m.dtype == bool:
@@ -68,14 +69,16 @@ def as_bool_mask(mask, name: str = "mask") -> np.ndarray:
         inside = m < 0
         if inside.any():  # an SDF (a 0/1 mask has no negative value); the common case costs one pass
             return inside
-        if not holds_only_zeros_and_ones(m):
-            return inside  # an SDF with no voxel inside (e.g. SDF_ABSENT everywhere)
-        zeros = m == 0
-        if not zeros.any() and m.size:
+        if is_stored_mask(m):
+            if holds_only_zeros_and_ones(m):
+                return m != 0
+            raise ValueError(f"{name}: values between 0 and 1 among mostly exact zeros, a resampled 0/1 mask "
+                             "rather than an SDF; threshold it (e.g. mask >= 0.5) or pass a boolean mask")
+        if m.size and holds_only_zeros_and_ones(m):  # only 1s (with a 0 it is a stored mask)
             raise ValueError(f"{name}: every value is 1.0, which is ambiguous (a 0/1 mask covering every "
                              "voxel, or a scaled SDF entirely outside its structure); pass a boolean mask "
                              "(mask != 0 for a 0/1 mask, sdf < 0 for an SDF)")
-        return ~zeros
+        return inside  # an SDF with no voxel inside (e.g. SDF_ABSENT everywhere)
     if m.dtype.kind in "iu":
         return m != 0
     raise TypeError(f"{name}: expected a boolean mask or a floating SDF, got dtype {m.dtype}")

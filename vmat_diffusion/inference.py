@@ -535,7 +535,7 @@ def case_metrics(pred_gy, case: Case, gamma_subsample: int = 2, dose_percent: fl
       ``goals_site``: the site whose goals they are (``metrics.goal_site``: the case's metadata
       ``site``, else the one site whose structure list holds all the case's structures). When no
       site fits, ``goals_site``, ``goals``, ``goals_agree`` and ``goals_total`` are None and
-      ``goals_not_checked`` says why.
+      ``goals_not_checked`` says why (None when the goals were checked).
     * ``gamma_pass_rate``, ``gamma_pass_rate_targets``: global ``dose_percent`` % /
       ``distance_mm`` mm gamma pass rates (percent), every ``gamma_subsample``-th voxel
       (1 = full resolution); ``gamma``: the settings and voxel counts (``gamma_metrics``).
@@ -575,10 +575,11 @@ def case_metrics(pred_gy, case: Case, gamma_subsample: int = 2, dose_percent: fl
         site = goal_site(case)
     except UnknownSiteError as e:
         result["goals_site"] = result["goals"] = result["goals_agree"] = result["goals_total"] = None
-        result["goals_not_checked"] = str(e)
+        result["goals_not_checked"] = e.reason
     else:
         goals = compare_goals(pred, ref, case, site=site)
         result["goals_site"] = site.name
+        result["goals_not_checked"] = None
         result["goals"] = goals
         result["goals_agree"] = sum(1 for g in goals if g["agree"])
         result["goals_total"] = len(goals)

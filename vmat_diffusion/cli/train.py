@@ -202,6 +202,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _error(str(e))
     try:
         config = config_from_args(args).validate()
+        refuse_earlier_run(Path(config.log_dir) / config.exp_name, resuming=bool(config.resume))  # flags' wording
     except ValueError as e:
         return _error(str(e))
 
@@ -210,7 +211,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         if config.num_nodes == 1:  # this machine runs them: check now, not in every process
             try:
                 check_processes_fit(config.device, config.devices)
-                refuse_earlier_run(Path(config.log_dir) / config.exp_name, resuming=bool(config.resume))
             except ValueError as e:
                 return _error(str(e))
         line = dist_utils.torchrun_command_line(argv, config.devices, config.num_nodes)

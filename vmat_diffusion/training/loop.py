@@ -32,8 +32,8 @@ Exact resume: at the start of epoch ``e`` every RNG of a process is reseeded fro
 ``(seed, e, rank)``, and the patches of epoch ``e`` depend only on ``(seed, e, rank, item)``
 (``training.data``), so the state at an epoch boundary is fully given by the checkpoint; on CPU a
 run resumed from ``last.ckpt`` ends with bit-identical weights (use ``deterministic`` on GPUs).
-Non-finite losses and gradients: ``NonFiniteLossError`` ("non-finite loss (or gradient) at epoch
-E step S") stops the run before the step is applied, or the step is skipped with
+Non-finite losses and gradients: ``NonFiniteLossError`` ("non-finite loss at epoch E step S", or
+"non-finite gradient ...") stops the run before the step is applied, or the step is skipped with
 ``skip_nonfinite``; no checkpoint is written for it.
 """
 from __future__ import annotations
@@ -80,14 +80,23 @@ KEEP_BEST = 3
 MASK_EXTRAS = ("possible_dose_mask", "body_mask", "body")
 
 
+def describe_non_finite(loss: float, what: Optional[str] = None) -> str:
+    """"non-finite loss" / "non-finite gradient" (``what``, else judged from this process's loss),
+    with "on another process" when the loss was non-finite elsewhere and finite here (DDP)."""
+    what = what or ("loss" if not math.isfinite(loss) else "gradient")
+    elsewhere = " on another process" if what == "loss" and math.isfinite(loss) else ""
+    return f"non-finite {what}{elsewhere}"
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient became NaN or Inf; the run stops without writing a checkpoint for that step."""
 
-    def __init__(self, epoch: int, step: int, loss: float, grad_norm: float = float("nan"), what: str = "loss"):
+    def __init__(self, epoch: int, step: int, loss: float, grad_norm: float = float("nan"),
+                 what: Optional[str] = None):
         self.epoch, self.step, self.loss, self.grad_norm = epoch, step, loss, grad_norm
-        super().__init__(f"non-finite {what} at epoch {epoch} step {step} (loss = {loss}, gradient norm = "
-                         f"{grad_norm}); no checkpoint was written for it. Try a lower --lr, --precision 32, or "
-                         "--skip_nonfinite to skip such steps")
+        super().__init__(f"{describe_non_finite(loss, what)} at epoch {epoch} step {step} (loss = {loss}, "
+                         f"gradient norm = {grad_norm}); no checkpoint was written for it. Try a lower --lr, "
+                         "--precision 32, or --skip_nonfinite to skip such steps")
 
 
 # --------------------------------------------------------------------------- devices and precision
@@ -435,8 +444,8 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.config
-        refuse_earlier_run(Path(cfg.log_dir) / cfg.exp_name, resuming=bool(cfg.resume),
-                           elsewhere="exp_name or log_dir (--exp_name, --log_dir)")
+        refuse_earlier_run(Path(cfg.log_dir) / cfg.exp_name, resuming=bool(cfg.resume), resume="resume=",
+                           elsewhere="exp_name or log_dir")
         wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
         self._owns_process_group = not dist_utils.is_distributed()
         check_processes_fit(cfg.device, dist_utils.local_world_size())
@@ -746,7 +755,8 @@ class Trainer:
                         bar.close()
                         raise NonFiniteLossError(epoch, self.global_step + 1, result.loss, result.grad_norm,
                                                  result.non_finite)
-                    self._say(f"skipped step {self.global_step + 1} of epoch {epoch}: non-finite {result.non_finite} "
+                    self._say(f"skipped step {self.global_step + 1} of epoch {epoch}: "
+                              f"{describe_non_finite(result.loss, result.non_finite)} "
                               f"(loss {result.loss}, gradient norm {result.grad_norm})")
                 else:
                     self.global_step += 1

@@ -111,14 +111,16 @@ def _csv_value(value) -> str:
     return str(value)
 
 
-def refuse_earlier_run(run_dir: Path, resuming: bool, elsewhere: str = "--exp_name or --log_dir") -> None:
+def refuse_earlier_run(run_dir: Path, resuming: bool, resume: str = "--resume",
+                       elsewhere: str = "--exp_name or --log_dir") -> None:
     """ValueError when ``run_dir`` already holds checkpoints and this run does not resume them: a
     fresh run there would mix its checkpoints, metrics and TensorBoard events with that run's.
-    ``elsewhere``: the settings that choose another run folder, named in the message."""
+    ``resume``, ``elsewhere``: how the caller's user resumes and chooses another run folder (the
+    CLI's flags by default), named in the message."""
     earlier = sorted((Path(run_dir) / "checkpoints").glob("*.ckpt"), key=lambda path: path.name != "last.ckpt")
     if earlier and not resuming:
         raise ValueError(f"log_dir: {run_dir} already holds a run ({earlier[0].name}); continue it with "
-                         f"--resume {Path(run_dir) / 'checkpoints' / 'last.ckpt'}, or choose another {elsewhere}, "
+                         f"{resume} {Path(run_dir) / 'checkpoints' / 'last.ckpt'}, or choose another {elsewhere}, "
                          "or delete that folder")
 
 
