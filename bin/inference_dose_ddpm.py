@@ -6,8 +6,10 @@
 See ``python bin/inference_dose_ddpm.py --help`` and ``vmat_diffusion/cli/infer.py``.
 """
 import sys
+from pathlib import Path
 
-from _cli_main import cli_main  # bin/ is on sys.path when a script here runs
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run as python -m bin.<script> or runpy
+from _cli_main import cli_main  # noqa: E402
 
 main = cli_main("infer", "inference_dose_ddpm.py")
 

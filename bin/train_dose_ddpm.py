@@ -6,8 +6,10 @@
 All flags: ``python bin/train_dose_ddpm.py --help`` (same as ``vmat-train --help``).
 """
 import sys
+from pathlib import Path
 
-from _cli_main import cli_main  # bin/ is on sys.path when a script here runs
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run as python -m bin.<script> or runpy
+from _cli_main import cli_main  # noqa: E402
 
 main = cli_main("train", "train_dose_ddpm.py")
 

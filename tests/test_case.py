@@ -146,13 +146,16 @@ binary[1:3, 1:3, 1:3] = 1.0
 averaged = np.zeros(SHAPE, np.float32)    # a 0/1 mask resampled: fractions on its border
 averaged[1:4, 1:4, 1:3] = 1.0
 averaged[4, 1:4, 1:3] = 0.5
+cubic = averaged.copy()                    # resampled with cubic splines: overshoot on both sides
+cubic[0, 0, 0], cubic[1, 1, 1] = -0.1, 1.1
 partly_absent = np.full(SHAPE, 2.0, np.float32)
 partly_absent[0] = -0.5
 
 
 @pytest.mark.parametrize("values, words", [
-    (binary, r"values in \[0, 1\] \(only 0s and 1s, or mostly exact 0s: a binary or averaged mask"),
-    (averaged, r"values in \[0, 1\] \(only 0s and 1s, or mostly exact 0s: a binary or averaged mask"),
+    (binary, r"values in \[0, 1\] \(only 0s and 1s, or many exact 0s: a binary or resampled mask"),
+    (averaged, r"values in \[0, 1\] \(only 0s and 1s, or many exact 0s: a binary or resampled mask"),
+    (cubic, r"values in \[-0.1, 1.1\] \(only 0s and 1s, or many exact 0s: a binary or resampled mask"),
     (binary * 255, r"values in \[0, 255\]"),
     (partly_absent, r"values in \[-0.5, 2\]"),
     (-3.0 * binary - 0.5, r"values in \[-3.5, -0.5\]"),            # SDF in another scale

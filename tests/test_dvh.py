@@ -143,8 +143,9 @@ def test_bad_input_raises_clear_errors():
         dvh(dose, np.full(mask.shape, 0.5, np.float32), SPACING)  # an SDF with no voxel inside
     resampled = mask.astype(np.float32)
     resampled[np.nonzero(mask)[0][:2], np.nonzero(mask)[1][:2], np.nonzero(mask)[2][:2]] = 0.5  # a border averaged
-    with pytest.raises(ValueError, match=r"mask: values between 0 and 1 among mostly exact zeros, a resampled 0/1 mask"):
-        dvh(dose, resampled, SPACING)
+    for resampled_mask in (resampled, np.where(resampled == 0.5, -0.05, resampled)):  # linear, cubic overshoot
+        with pytest.raises(ValueError, match=r"mask: many exact zeros among other values, a resampled 0/1 mask"):
+            dvh(dose, resampled_mask, SPACING)
     with pytest.raises(ValueError, match="mask: every value is 1.0, which is ambiguous.*pass a boolean mask"):
         dvh(dose, np.ones(mask.shape, np.float32), SPACING)  # a 0/1 mask of all voxels, or an SDF far outside
     with pytest.raises(ValueError, match="mask: shape"):

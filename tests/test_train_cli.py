@@ -224,6 +224,9 @@ def test_bin_script_shows_help():
     script = os.path.join(os.path.dirname(__file__), os.pardir, "bin", "train_dose_ddpm.py")
     result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
+    as_module = subprocess.run([sys.executable, "-m", "bin.train_dose_ddpm", "--help"], capture_output=True, text=True,
+                               timeout=120, cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+    assert as_module.returncode == 0 and as_module.stdout == result.stdout, as_module.stderr
     for flag in ("--data_dir", "--epochs", "--batch_size", "--patch_size", "--patches_per_volume", "--lr",
                  "--weight_decay", "--val_split", "--test_split", "--timesteps", "--schedule", "--base_channels",
                  "--use_simple_unet", "--log_dir", "--exp_name", "--seed", "--num_workers", "--resume",

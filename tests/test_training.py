@@ -1,6 +1,7 @@
 """Training pieces: split, seeded patches, losses, train_step, EMA, validation, NaN guard, early stop."""
 import csv
 import math
+import pickle
 
 import pytest
 import torch
@@ -217,6 +218,8 @@ def test_a_non_finite_loss_on_another_process_is_reported_as_a_loss(monkeypatch)
     message = str(NonFiniteLossError(1, 1, result.loss, result.grad_norm, result.non_finite))
     assert message.startswith("non-finite loss on another process at epoch 1 step 1")
     assert str(NonFiniteLossError(1, 1, 0.5, float("nan"))).startswith("non-finite gradient at epoch 1 step 1")
+    copy = pickle.loads(pickle.dumps(NonFiniteLossError(1, 1, result.loss, result.grad_norm, result.non_finite)))
+    assert str(copy) == message and copy.what == "loss"
 
 
 def test_ema_follows_with_warmup():

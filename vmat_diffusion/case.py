@@ -195,17 +195,16 @@ def _validate(case: Case, path) -> None:
 def _check_sdf_values(path, masks_sdf: np.ndarray, structures) -> None:
     """Each channel is SDF_ABSENT everywhere, or a scaled SDF: values in [-1, 1] and not a mask
     stored as numbers (``conventions.is_stored_mask``; 1 everywhere is SDF_OUTSIDE, an SDF away
-    from its structure). One min and one max per channel; the mask test only where the smallest
-    value is 0."""
+    from its structure). One min, max and count of zeros per channel."""
     flat = masks_sdf.reshape(masks_sdf.shape[0], -1)
     if flat.shape[1] == 0:
         return
     lows, highs = flat.min(axis=1), flat.max(axis=1)
     for channel, (low, high) in enumerate(zip(lows.tolist(), highs.tolist())):
-        mask_like = low == 0.0 and is_stored_mask(flat[channel])
+        mask_like = is_stored_mask(flat[channel])
         if low == high == SDF_ABSENT or (-1.0 <= low <= high <= 1.0 and not mask_like):
             continue
-        detail = " (only 0s and 1s, or mostly exact 0s: a binary or averaged mask, not an SDF)" if mask_like else ""
+        detail = " (only 0s and 1s, or many exact 0s: a binary or resampled mask, not an SDF)" if mask_like else ""
         raise CaseFormatError(
             path, "masks_sdf",
             f"channel {channel} ('{structures[channel]}') has values in [{low:g}, {high:g}]{detail}; expected a "

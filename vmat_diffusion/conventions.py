@@ -75,21 +75,22 @@ def holds_only_zeros_and_ones(values: np.ndarray) -> bool:
     return bool(((values == 0) | (values == 1)).all())
 
 
-# A float array with no negative value and at least this fraction of exact zeros is a mask's
-# background, not a distance (an SDF is 0 only where averaging cancels inside and outside).
+# A float array with at least this fraction of exact zeros is a mask's background, not a distance:
+# an SDF is 0 only where averaging cancels inside and outside (at most 0.07 % of the voxels of any
+# channel of five real OpenKBP cases, at full and at half resolution).
 MASK_ZERO_FRACTION = 0.25
 
 
 def is_stored_mask(values: np.ndarray) -> bool:
-    """True when float ``values`` are a mask stored as numbers, not a scaled SDF: the smallest value
-    is exactly 0, none is above 1, and they are only 0s and 1s or at least MASK_ZERO_FRACTION exact
-    zeros (a resampled or averaged mask). An SDF averaged to a coarser grid can hold a few exact
-    zeros where a structure one voxel thin vanishes; a mask covering more than 3/4 of the array
-    once resampled is not told apart from such an SDF."""
+    """True when float ``values`` are a mask stored as numbers, not a scaled SDF: only 0s and 1s
+    with at least one 0, or at least MASK_ZERO_FRACTION exact zeros (a mask resampled linearly,
+    by averaging, or with cubic splines, whose overshoot leaves small negative values). A mask
+    covering more than 3/4 of the array once resampled is not told apart from an SDF."""
     values = np.asarray(values)
-    if values.size == 0 or values.min() != 0 or values.max() > 1:
+    if values.size == 0:
         return False
-    return holds_only_zeros_and_ones(values) or np.count_nonzero(values == 0) >= MASK_ZERO_FRACTION * values.size
+    zeros = np.count_nonzero(values == 0)
+    return zeros >= MASK_ZERO_FRACTION * values.size or (zeros > 0 and holds_only_zeros_and_ones(values))
 
 
 def sdf_to_mask(sdf) -> np.ndarray:

@@ -58,7 +58,7 @@ def as_bool_mask(mask, name: str = "mask") -> np.ndarray:
 
     bool: as is. Integers: non-zero. Floats: a 0/1 mask (every value exactly 0 or 1, at least
     one 0) is inside where 1; any other float array is a scaled SDF, inside where < 0. ValueError
-    naming ``name`` for a resampled 0/1 mask (fractions between mostly exact zeros:
+    naming ``name`` for a resampled 0/1 mask (many exact zeros among other values:
     ``conventions.is_stored_mask``; threshold it first) and for nothing but 1.0, which is
     ambiguous (a 0/1 mask of every voxel, or an SDF far outside its structure, e.g. a patch).
     """
@@ -66,19 +66,17 @@ def as_bool_mask(mask, name: str = "mask") -> np.ndarray:
     if m.dtype == bool:
         return m
     if m.dtype.kind == "f":
-        inside = m < 0
-        if inside.any():  # an SDF (a 0/1 mask has no negative value); the common case costs one pass
-            return inside
         if is_stored_mask(m):
             if holds_only_zeros_and_ones(m):
                 return m != 0
-            raise ValueError(f"{name}: values between 0 and 1 among mostly exact zeros, a resampled 0/1 mask "
-                             "rather than an SDF; threshold it (e.g. mask >= 0.5) or pass a boolean mask")
-        if m.size and holds_only_zeros_and_ones(m):  # only 1s (with a 0 it is a stored mask)
+            raise ValueError(f"{name}: many exact zeros among other values, a resampled 0/1 mask rather than "
+                             "an SDF; threshold it (e.g. mask >= 0.5) or pass a boolean mask")
+        inside = m < 0
+        if not inside.any() and m.size and holds_only_zeros_and_ones(m):  # only 1s (with a 0: a stored mask)
             raise ValueError(f"{name}: every value is 1.0, which is ambiguous (a 0/1 mask covering every "
                              "voxel, or a scaled SDF entirely outside its structure); pass a boolean mask "
                              "(mask != 0 for a 0/1 mask, sdf < 0 for an SDF)")
-        return inside  # an SDF with no voxel inside (e.g. SDF_ABSENT everywhere)
+        return inside
     if m.dtype.kind in "iu":
         return m != 0
     raise TypeError(f"{name}: expected a boolean mask or a floating SDF, got dtype {m.dtype}")

@@ -93,10 +93,13 @@ class NonFiniteLossError(RuntimeError):
 
     def __init__(self, epoch: int, step: int, loss: float, grad_norm: float = float("nan"),
                  what: Optional[str] = None):
-        self.epoch, self.step, self.loss, self.grad_norm = epoch, step, loss, grad_norm
+        self.epoch, self.step, self.loss, self.grad_norm, self.what = epoch, step, loss, grad_norm, what
         super().__init__(f"{describe_non_finite(loss, what)} at epoch {epoch} step {step} (loss = {loss}, "
                          f"gradient norm = {grad_norm}); no checkpoint was written for it. Try a lower --lr, "
                          "--precision 32, or --skip_nonfinite to skip such steps")
+
+    def __reduce__(self):  # picklable (e.g. back from a worker process) despite the extra arguments
+        return type(self), (self.epoch, self.step, self.loss, self.grad_norm, self.what)
 
 
 # --------------------------------------------------------------------------- devices and precision
