@@ -108,10 +108,10 @@ SITES: Dict[str, SiteProtocol] = {"prostate": PROSTATE, "head_neck": HEAD_NECK}
 class UnknownSiteError(ValueError):
     """No site, or more than one, fits a list of structure names (``site_for_structures``).
 
-    ``reason``: why, without the advice on what to pass (for a note such as vmat-infer's)."""
+    ``reason``: why, without the ``advice`` on what to pass (for a note such as vmat-infer's)."""
 
     def __init__(self, reason: str, advice: str = ""):
-        self.reason = reason
+        self.reason, self.advice = reason, advice
         super().__init__(reason + advice)
 
 

@@ -199,7 +199,7 @@ def goal_site(case_or_masks: Union[Case, MaskMapping], site: Union[SiteProtocol,
             if named is None:
                 raise
             raise UnknownSiteError(f"the case's metadata 'site' {named!r} is not one of {list(SITES)}, and "
-                                   f"{e.reason}", str(e)[len(e.reason):]) from None
+                                   f"{e.reason}", e.advice) from None
     return site_for_structures(case_or_masks)  # a mapping's keys
 
 

@@ -99,12 +99,13 @@ def _read_store_metadata(folder: Path) -> dict:
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        metadata = f"not valid JSON ({e})"
-    if not isinstance(metadata, dict) or "case_id" not in metadata:
-        problem = metadata if isinstance(metadata, str) else "expected a JSON object with a 'case_id'"
-        raise CaseFormatError(path, None, f"{problem}; rebuild this case (vmat-build-store --force, or "
-                                          "build_store(..., force=True)) or delete its folder")
-    return metadata
+        problem = f"not valid JSON ({e})"
+    else:
+        if isinstance(metadata, dict) and "case_id" in metadata:
+            return metadata
+        problem = "expected a JSON object with a 'case_id'"
+    raise CaseFormatError(path, None, f"{problem}; rebuild this case (vmat-build-store --force, or "
+                                      "build_store(..., force=True)) or delete its folder")
 
 
 def open_store_case(folder) -> StoreCase:
