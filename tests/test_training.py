@@ -222,6 +222,51 @@ def test_a_non_finite_loss_on_another_process_is_reported_as_a_loss(monkeypatch)
     assert str(copy) == message and copy.what == "loss"
 
 
+def _model_every_layer_learns(seed=0):
+    torch.manual_seed(seed)
+    model = new_model("baseline", N_STRUCT, K, 4, 2)
+    with torch.no_grad():  # the output layer starts at 0; make every layer receive gradient
+        for p in model.parameters():
+            p.add_(0.01)
+    return model
+
+
+def test_a_grad_scaler_step_equals_the_unscaled_step_with_clipping_active():
+    # SGD, not Adam (whose update hides a wrongly scaled gradient): clipping the scaled gradient
+    # before unscale_ would shrink this step 65536-fold
+    objective = Objective("baseline", 70.0)
+    batch = random_batch()
+    weights, norms = [], []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)):
+        model = _model_every_layer_learns()
+        result = train_step(model, [batch], torch.optim.SGD(model.parameters(), lr=0.1), objective,
+                            scaler=scaler, clip=1e-3)
+        assert result.finite and not result.scaler_skipped
+        norms.append(result.grad_norm)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert norms[0] > 10 * 1e-3  # clipping is active
+    assert norms[1] == pytest.approx(norms[0], rel=1e-6)
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-6, atol=1e-9)
+
+
+def test_a_grad_scaler_skips_an_overflowing_step_and_the_ema_waits():
+    model = _model_every_layer_learns()
+    optimizer = make_optimizer(model)
+    ema = EMA(model, 0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    weight = next(p for p in model.parameters() if p.dim() >= 2)
+    hook = weight.register_hook(lambda grad: grad * float("inf"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_step(model, [random_batch()], optimizer, Objective("baseline", 70.0), scaler=scaler, ema=ema)
+    assert result.finite and result.scaler_skipped and not math.isfinite(result.grad_norm)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not optimizer.state and ema.num_updates == 0 and scaler.get_scale() == 512.0
+    hook.remove()
+    result = train_step(model, [random_batch()], optimizer, Objective("baseline", 70.0), scaler=scaler, ema=ema)
+    assert result.finite and not result.scaler_skipped and ema.num_updates == 1
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_ema_follows_with_warmup():
     model = torch.nn.Linear(2, 1)
     ema = EMA(model, decay=0.9)
@@ -323,6 +368,51 @@ def test_nan_loss_skipped_by_flag(phantom_dir, tmp_path, monkeypatch):
     assert summary["global_steps"] == 5  # 6 micro-batches, one skipped
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert not non_finite_tensors(last["model"])
+
+
+class _StopAfterEpochOne(Exception):
+    pass
+
+
+def _fp16_on_the_cpu(monkeypatch):
+    """The Trainer's fp16 + GradScaler path (CUDA-only from the flags) on the CPU."""
+    monkeypatch.setattr(loop, "resolve_precision", lambda precision, device: (torch.float16, True))
+
+
+def test_fp16_loss_scaling_checkpoints_its_scaler_and_resumes_exactly(phantom_dir, tmp_path, monkeypatch):
+    _fp16_on_the_cpu(monkeypatch)
+    straight = Trainer(tiny_config(phantom_dir, tmp_path / "straight", epochs=2))
+    straight.fit()
+    assert straight.scaler.is_enabled() and straight.autocast_dtype == torch.float16
+    expected = load_checkpoint(tmp_path / "straight" / "run" / "checkpoints" / "last.ckpt")
+    assert expected["scaler"]["scale"] > 0 and not non_finite_tensors(expected["model"])
+
+    real_save = loop.save_checkpoint
+
+    def save_then_stop(path, payload):  # a crash right after epoch 1's last.ckpt
+        real_save(path, payload)
+        if payload["epoch"] == 1 and path.name == "last.ckpt":
+            raise _StopAfterEpochOne
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(_StopAfterEpochOne):
+        Trainer(tiny_config(phantom_dir, tmp_path / "resumed", epochs=2)).fit()
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    last = tmp_path / "resumed" / "run" / "checkpoints" / "last.ckpt"
+    resumed = Trainer(tiny_config(phantom_dir, tmp_path / "resumed", epochs=2, resume=str(last)))
+    resumed.fit()
+    final = load_checkpoint(last)
+    assert final["scaler"] == expected["scaler"] and final["global_step"] == expected["global_step"]
+    assert all(torch.equal(final["model"][k], v) for k, v in expected["model"].items())
+
+
+def test_fp16_steps_skipped_by_the_scaler_count_until_too_many_in_a_row(phantom_dir, tmp_path, monkeypatch):
+    _fp16_on_the_cpu(monkeypatch)
+    skipped = loop.StepResult(loss=0.5, finite=True, grad_norm=float("inf"), scaler_skipped=True)
+    monkeypatch.setattr(loop, "train_step", lambda *args, **kwargs: skipped)
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite gradient in {loop.SCALER_SKIPS_IN_A_ROW_LIMIT} "
+                                                 r"steps in a row \(fp16 loss scaling\) at epoch 4 step 20"):
+        Trainer(tiny_config(phantom_dir, tmp_path, epochs=5, val_every=5)).fit()
 
 
 def test_early_stopping_and_best_three(phantom_dir, tmp_path, monkeypatch):

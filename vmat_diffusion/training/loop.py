@@ -77,6 +77,9 @@ from .run_logs import RunLog, count_parameters, environment_info, refuse_earlier
 TEST_EXIT_ENV = "VMAT_TEST_EXIT_AFTER_EPOCH"  # test hook: os._exit(17) right after that epoch's last.ckpt
 TEST_EXIT_CODE = 17
 KEEP_BEST = 3
+# fp16: this many steps in a row skipped by the GradScaler (its scale lowered 2**20-fold) means
+# the gradient is Inf/NaN whatever the scale: a non-finite gradient, not a scale still settling
+SCALER_SKIPS_IN_A_ROW_LIMIT = 20
 MASK_EXTRAS = ("possible_dose_mask", "body_mask", "body")
 
 
@@ -185,6 +188,9 @@ class StepResult:
     finite: bool       # False: the loss or the gradient was NaN/Inf on some process and no step was taken
     grad_norm: float   # gradient norm before clipping (NaN when the loss was not finite)
     non_finite: str = ""  # what was not finite (on some process): "loss" or "gradient"
+    # True: the fp16 GradScaler found Inf/NaN in the scaled gradient, skipped the update and
+    # lowered its scale (normal while the scale settles; ``finite`` stays True)
+    scaler_skipped: bool = False
 
 
 def train_step(model: nn.Module, batches: Sequence[Dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
@@ -199,7 +205,9 @@ def train_step(model: nn.Module, batches: Sequence[Dict[str, torch.Tensor]], opt
     gradients are dropped and nothing is updated. Without a GradScaler the same holds for a
     non-finite gradient with a finite loss (seen with bf16 autocast on the CPU, whose conv3d
     backward now and then returns NaN weight gradients); with one (fp16) the scaler skips such
-    steps itself and lowers its scale.
+    steps itself and lowers its scale (``StepResult.scaler_skipped``; the EMA is then not
+    updated either). Gradients are unscaled before they are clipped, so ``clip`` and
+    ``grad_norm`` are in the loss's own units with or without a scaler.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     scaler = scaler if scaler is not None and scaler.is_enabled() else None
@@ -227,8 +235,11 @@ def train_step(model: nn.Module, batches: Sequence[Dict[str, torch.Tensor]], opt
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=mean_loss, finite=False, grad_norm=grad_norm, non_finite="gradient")
     if scaler is not None:
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        if scaler.get_scale() < scale:  # the scaler only lowers its scale when it skipped the step
+            return StepResult(loss=mean_loss, finite=True, grad_norm=grad_norm, scaler_skipped=True)
     else:
         optimizer.step()
     if ema is not None:
@@ -485,7 +496,7 @@ class Trainer:
                                    cfg.loss_mask)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.use_ema else None
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.train_generator = torch.Generator(device=self.device)
         self.ddp_model = self.model
         if self.dist.enabled:
@@ -517,6 +528,7 @@ class Trainer:
         self.best_val_mae: Optional[float] = None
         self.best_epoch: Optional[int] = None
         self.validations_without_improvement = 0
+        self.scaler_skipped_steps = self.scaler_skips_in_a_row = 0  # fp16 loss scaling (this epoch / in a row)
         self.epoch_times: List[float] = []
         self.elapsed_before = 0.0
         self.last_metrics: Dict[str, Optional[float]] = {}
@@ -738,6 +750,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         losses: List[float] = []
         group: List[Dict[str, torch.Tensor]] = []
+        self.scaler_skipped_steps = 0
         bar = tqdm(total=self.micro_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not self.progress)
         # The schedule follows the position in the epochs, not a step count: a run resumed with
         # another batch size, accumulation or number of processes continues the same curve.
@@ -753,6 +766,15 @@ class Trainer:
                                     scaler=self.scaler, autocast_dtype=self.autocast_dtype,
                                     clip=cfg.gradient_clip, generator=self.train_generator, ema=self.ema)
                 group = []
+                if result.scaler_skipped:
+                    self.scaler_skipped_steps += 1
+                    self.scaler_skips_in_a_row += 1
+                    if self.scaler_skips_in_a_row >= SCALER_SKIPS_IN_A_ROW_LIMIT:
+                        result = StepResult(result.loss, False, result.grad_norm,
+                                            f"gradient in {SCALER_SKIPS_IN_A_ROW_LIMIT} steps in a row (fp16 loss scaling)")
+                        self.scaler_skips_in_a_row = 0
+                else:
+                    self.scaler_skips_in_a_row = 0
                 if not result.finite:
                     if not cfg.skip_nonfinite:
                         bar.close()
@@ -852,6 +874,9 @@ class Trainer:
                    "val/mae_gy": metrics["val_mae_gy"], "val/gamma_3mm3pct": metrics["val_gamma"],
                    "misc/gpu_memory_gb": gpu_gb, "misc/eta_hours": mean_epoch * (cfg.epochs - epoch) / 3600.0,
                    "lr-AdamW": metrics["learning_rate"]}
+        if self.scaler.is_enabled():
+            scalars.update({"misc/loss_scale": self.scaler.get_scale(),
+                            "misc/scaler_skipped_steps": self.scaler_skipped_steps})
         self.log.log_epoch(row, scalars)
         if validation.example is not None:
             self.log.log_image(slice_panel(*validation.example), epoch)
