@@ -204,6 +204,28 @@ def test_cuda_tensors_give_the_cpu_result():
     np.testing.assert_allclose(result.cpu().numpy(), expected, atol=2e-5)
 
 
+@pytest.mark.parametrize("spacing, options", [
+    ((2.5, 2.0, 3.0), {}),                                       # shells inside the 27 voxels
+    ((1.0, 1.5, 1.0), {"local": True}),                          # shells in bigger boxes, per-voxel tolerance
+    ((2.0, 2.0, 2.0), {"random_subset": 200, "chunk_size": 5000, "skip_once_passed": True}),
+])
+def test_the_device_path_on_the_cpu_gives_the_numpy_assisted_result(spacing, options, monkeypatch):
+    # On CUDA the steps numpy does on the CPU (cutoff, flatnonzero, index arithmetic, gathers) run
+    # as torch ops; run that path here, so a GPU is not the first place it ever runs.
+    from vmat_diffusion import gamma as gamma_module
+    reference, evaluated = smooth_dose_pair((18, 16, 14), spacing, seed=6)
+    mask = np.zeros(reference.shape, dtype=bool)
+    mask[2:-3, 1:, :-2] = True
+    expected = gamma_index(reference, evaluated, spacing, mask=mask, **options)
+    monkeypatch.setattr(gamma_module, "_numpy_helps", lambda tensor: False)
+    result = gamma_index(torch.from_numpy(reference), torch.from_numpy(evaluated), spacing,
+                         mask=torch.from_numpy(mask), **options)
+    assert np.isnan(expected).sum() < expected.size
+    np.testing.assert_array_equal(result.numpy(), expected)
+    assert gamma_pass_rate(reference, evaluated, spacing, mask=mask, **options) == pytest.approx(
+        pass_rate_from_gamma(expected))
+
+
 def test_small_chunks_skip_once_passed_and_random_subset_are_consistent():
     spacing = (2.0, 2.0, 2.0)
     reference, evaluated = smooth_dose_pair((20, 20, 20), spacing, seed=4)

@@ -178,6 +178,12 @@ def _spacing(spacing_mm) -> Tuple[float, float, float]:
     return tuple(float(v) for v in values)
 
 
+def _numpy_helps(tensor: torch.Tensor) -> bool:
+    """True where numpy does a step faster than torch (CPU tensors); elsewhere (CUDA) the same
+    step runs in torch ops on the tensor's device. Tests run that path on the CPU by patching this."""
+    return tensor.device.type == "cpu"
+
+
 def _as_tensor(name: str, value, device=None) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         tensor = value.detach()
@@ -196,7 +202,7 @@ def _dose_tensor(name: str, value, device=None) -> Tuple[torch.Tensor, float]:
     if not (tensor.is_floating_point() or tensor.dtype in (torch.int16, torch.int32, torch.int64, torch.uint8)):
         raise TypeError(f"{name} must hold real numbers (dose in Gy), got dtype {tensor.dtype}")
     tensor = tensor.to(torch.float32)
-    if tensor.device.type == "cpu":  # numpy's min and max are faster there; NaN propagates into both
+    if _numpy_helps(tensor):  # numpy's min and max are faster there; NaN propagates into both
         low, high = float(tensor.numpy().min()), float(tensor.numpy().max())
     else:
         low, high = (float(v) for v in torch.aminmax(tensor))
@@ -233,7 +239,7 @@ def _settings(spacing_mm, dose_percent, distance_mm, cutoff_percent, local, max_
 
 def _flat_nonzero(selected: torch.Tensor) -> torch.Tensor:
     """(N,) int64 C-order flat indices of the True voxels (numpy's is several times faster on CPU)."""
-    if selected.device.type == "cpu":
+    if _numpy_helps(selected):
         return torch.from_numpy(np.flatnonzero(selected.numpy()))
     return torch.nonzero(selected.reshape(-1)).squeeze(1)
 
@@ -243,7 +249,7 @@ def _voxels_to_evaluate(reference: torch.Tensor, settings: _Criteria, normalisat
     """(N,) sorted flat indices: reference >= cutoff (of the normalisation), in mask, optional random subset."""
     cutoff = settings.cutoff_percent / 100.0 * normalisation
     # numpy's comparison is ~10x faster than torch's on the CPU; both compare in float32
-    on_cpu = reference.device.type == "cpu"
+    on_cpu = _numpy_helps(reference)
     values = reference.numpy() if on_cpu else reference
     selected = values >= (np.float32(cutoff) if on_cpu else cutoff)
     if settings.local:
@@ -278,7 +284,7 @@ def _prepare_grid(evaluated: torch.Tensor, voxels: torch.Tensor, margin: np.ndar
     axis, enough for every search-point corner) and pad it by ``margin`` with OUTSIDE_GRID_DOSE."""
     shape = np.array(evaluated.shape)
     # index arithmetic on numpy arrays on the CPU (~3x faster than torch's and np.unravel_index)
-    flat = voxels.numpy() if voxels.device.type == "cpu" else voxels
+    flat = voxels.numpy() if _numpy_helps(voxels) else voxels
     i = flat // int(shape[1] * shape[2])
     rest = flat - i * int(shape[1] * shape[2])
     j = rest // int(shape[2])
@@ -337,7 +343,7 @@ def _take(flat: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
     """``flat[first[:, None] + second[None, :]]``: (a,) and (b,) int64 -> (a, b) values
     (into ``out``, contiguous, if given). On the CPU, for few columns, numpy's take is about
     twice as fast as torch's, index building included; see ROW_GATHER_MIN_COLUMNS for many."""
-    if flat.device.type != "cpu":
+    if not _numpy_helps(flat):
         return torch.take(flat, first[:, None] + second[None, :], out=out)
     if out is None:
         out = torch.empty((first.numel(), second.numel()), dtype=flat.dtype)
