@@ -280,6 +280,7 @@ class _Window:
 
     def __init__(self, index: Tuple[int, int, int], placements):
         self.index = index  # position along each axis of the grid
+        self.weights_key = index  # windows with the same key have the same weights (set by _WindowGrid)
         self.target = tuple(target for target, _, _ in placements)  # voxels it reads and writes
         self.crop = tuple(crop for _, crop, _ in placements)  # its output's part inside the volume
         self.padding = [pads for _, _, pads in placements]
@@ -311,25 +312,40 @@ class _WindowGrid:
             for target, crop, _ in axis_placements:
                 total[target] += profile[crop]
             self.normalised.append([profile[crop] / total[target] for target, crop, _ in axis_placements])
-        self.windows = [_Window((i, j, k), (px, py, pz))
-                        for i, px in enumerate(placements[0])
-                        for j, py in enumerate(placements[1])
-                        for k, pz in enumerate(placements[2])]
+        # Windows with equal profiles on every axis (e.g. all interior windows of an evenly spaced
+        # grid) have equal weights: they come one after another, and the weights are made once.
+        profile_ids = [_equal_profile_ids(axis) for axis in self.normalised]
+        windows = [_Window((i, j, k), (px, py, pz))
+                   for i, px in enumerate(placements[0])
+                   for j, py in enumerate(placements[1])
+                   for k, pz in enumerate(placements[2])]
+        for window in windows:
+            window.weights_key = tuple(ids[position] for ids, position in zip(profile_ids, window.index))
+        self.windows = sorted(windows, key=lambda window: window.weights_key)
         self._buffer = torch.empty([len(n[0]) for n in self.normalised], dtype=torch.float32, device=device)
         self._x_profiles = [profile.to(torch.float32) for profile in self.normalised[0]]
-        self._yz_index, self._yz = None, None
+        self._yz_key, self._yz = None, None
         self._filled = None
 
     def weights(self, window: _Window) -> torch.Tensor:
         """The window's float32 weights over its target voxels (a buffer reused by the next call)."""
-        if window.index != self._filled:
+        if window.weights_key != self._filled:
             i, j, k = window.index
-            if (j, k) != self._yz_index:  # the y-z product in float64, rounded once
-                self._yz_index = (j, k)
+            if window.weights_key[1:] != self._yz_key:  # the y-z product in float64, rounded once
+                self._yz_key = window.weights_key[1:]
                 self._yz = (self.normalised[1][j][:, None] * self.normalised[2][k][None, :]).to(torch.float32)
             torch.mul(self._x_profiles[i][:, None, None], self._yz, out=self._buffer)
-            self._filled = window.index
+            self._filled = window.weights_key
         return self._buffer
+
+
+def _equal_profile_ids(profiles: Sequence[torch.Tensor]) -> List[int]:
+    """Per window along one axis, the index of the first window whose normalised profile equals its own."""
+    ids = []
+    for position, profile in enumerate(profiles):
+        ids.append(next(first for first in range(position + 1)
+                        if profiles[first].shape == profile.shape and torch.equal(profiles[first], profile)))
+    return ids
 
 
 def _axis_placements(size: int, patch: int, overlap: int) -> List[Tuple[slice, slice, Tuple[int, int]]]:
