@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     overhead = op_overhead_ms()
     print(f"device={args.device}  threads={args.threads}  criteria={CRITERIA}  torch op overhead {overhead:.3f} ms")
     print(HEADER)
-    rows = []
+    rows = RowsWithJson(args, overhead)  # the JSON is rewritten after every case: a run cut short keeps its rows
     for seed, size in enumerate(args.sizes):
         shape = tuple(int(n) for n in size.split("x"))
         reference = phantom_dose(shape, PHANTOM_CASES[size])
@@ -246,15 +246,27 @@ def main(argv=None) -> int:
         reference = phantom_dose(shape, spacing)
         evaluated = perturbed(reference, spacing, seed=7)
         rows.append(bench_case(f"phantom {size}", reference, evaluated, spacing, args, with_pymedphys=False))
+    return 0
 
-    if args.json is not None:
+
+class RowsWithJson(list):
+    """The table's rows; each ``append`` also rewrites ``--json`` (if given) with all rows so far."""
+
+    def __init__(self, args, overhead_ms: float):
+        super().__init__()
+        self.args, self.overhead_ms = args, overhead_ms
+
+    def append(self, row) -> None:
+        super().append(row)
+        args = self.args
+        if args.json is None:
+            return
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(
             criteria=CRITERIA, threads=args.threads, repeats=args.repeats, min_seconds=args.min_seconds,
-            pymedphys_repeats=args.pymedphys_repeats, op_overhead_ms=overhead,
-            machine=machine_info(args.device), device=str(args.device), rows=rows,
+            pymedphys_repeats=args.pymedphys_repeats, op_overhead_ms=self.overhead_ms,
+            machine=machine_info(args.device), device=str(args.device), rows=list(self),
         ), indent=2))
-    return 0
 
 
 if __name__ == "__main__":

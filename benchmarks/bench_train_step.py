@@ -268,6 +268,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, info = start_benchmark(args.device, args.threads)
+    if device.type == "cuda":
+        # PyTorch lets fp32 convolutions use TF32 by default but not fp32 matmuls: the fp32
+        # ceiling must be the same arithmetic as the models' convolutions
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+        info["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+        print(f"fp32 on the GPU: TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'} for convolutions and "
+              f"the matmul ceiling alike")
     rows = []
     columns = COLUMNS + (PROFILE_COLUMNS if args.profile and device.type == "cpu" else [])
     with keep_freed_memory(keeps_freed_memory(args, device)) as info["freed_memory_kept"]:

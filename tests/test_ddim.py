@@ -204,3 +204,17 @@ def test_samples_with_an_untrained_simple_unet(schedule):
     # the untrained model predicts zero noise, so x0 = x_T / sqrt(alpha_bar_999), clipped: almost all at +-1
     assert out.shape == (2, 1, 4, 4, 4)
     assert (out.abs() == 1).float().mean() > 0.9
+
+
+def test_step_reads_alpha_bar_as_the_schedule_gives_it_and_rejects_a_timestep_outside(schedule):
+    sampler = DDIMSampler(schedule, steps=5)
+    x_t, eps = torch.randn(2, 1, 4, 4, 4), torch.randn(2, 1, 4, 4, 4)
+    for t, t_prev in sampler.pairs():
+        a_t, a_p = schedule.alpha_bar(t).item(), schedule.alpha_bar(t_prev).item()
+        x0 = ((x_t - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5).clamp(-1, 1)
+        eps_clipped = (x_t - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
+        expected = a_p ** 0.5 * x0 + (1 - a_p) ** 0.5 * eps_clipped
+        torch.testing.assert_close(sampler.step(eps, t, t_prev, x_t), expected)
+    for t, t_prev in ((schedule.timesteps, 0), (5, -2)):
+        with pytest.raises(ValueError, match=rf"t must lie in \[-1, {schedule.timesteps - 1}\]"):
+            sampler.step(eps, t, t_prev, x_t)

@@ -471,6 +471,18 @@ def test_resume_with_another_batch_size_continues_the_learning_rate_curve(phanto
     assert lrs[2] == pytest.approx(expected) and lrs[2] > 100 * resumed.config.min_lr
 
 
+def test_a_run_saved_on_a_gpu_resumes_on_the_cpu(phantom_dir, tmp_path):
+    # a CUDA generator's state is 16 bytes and does not fit the CPU generator (5056 bytes)
+    Trainer(tiny_config(phantom_dir, tmp_path, epochs=1)).fit()
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = load_checkpoint(last)
+    checkpoint["rng"]["train_generator"] = torch.zeros(16, dtype=torch.uint8)
+    checkpoint["rng"]["torch_cuda"] = [torch.zeros(16, dtype=torch.uint8)]
+    loop.save_checkpoint(last, checkpoint)
+    summary = Trainer(tiny_config(phantom_dir, tmp_path, epochs=2, resume=str(last))).fit()
+    assert summary["epochs_completed"] == 2
+
+
 def test_resume_uses_the_given_weight_decay_and_ema_decay(phantom_dir, tmp_path):
     Trainer(tiny_config(phantom_dir, tmp_path, epochs=1, ema=True, ema_decay=0.99, weight_decay=0.01)).fit()
     resumed = Trainer(tiny_config(phantom_dir, tmp_path, epochs=2, ema=True, ema_decay=0.5, weight_decay=0.2,

@@ -96,6 +96,9 @@ class DDIMSampler:
         self.spacing = spacing
         self.clip_x0 = clip_x0
         self.timesteps = torch.from_numpy(ddim_timesteps(schedule.timesteps, self.steps, spacing))
+        # alpha-bar at t = -1, 0, ..., T - 1 as Python floats, read once: a step on a schedule
+        # whose tables live on a GPU would otherwise wait for the GPU at every lookup
+        self._alpha_bars = [1.0] + schedule.alphas_cumprod.detach().double().cpu().tolist()
 
     def __len__(self) -> int:
         return self.steps
@@ -112,7 +115,10 @@ class DDIMSampler:
         yield from zip(ts, ts[1:] + [-1])
 
     def _alpha_bar(self, t) -> float:
-        return float(self.schedule.alpha_bar(int(t)))
+        step = int(t)
+        if not -1 <= step < len(self._alpha_bars) - 1:
+            raise ValueError(f"t must lie in [-1, {len(self._alpha_bars) - 2}] (-1 = no noise), got {step}")
+        return self._alpha_bars[step + 1]
 
     def sigma(self, t, t_prev) -> float:
         """Standard deviation of the noise added in the step t -> t_prev."""

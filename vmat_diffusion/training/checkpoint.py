@@ -77,7 +77,12 @@ def capture_rng_state(train_generator: Optional[torch.Generator] = None) -> Dict
 
 
 def restore_rng_state(state: Dict[str, Any], train_generator: Optional[torch.Generator] = None) -> None:
-    """Inverse of ``capture_rng_state`` (CUDA states only where the same devices exist)."""
+    """Inverse of ``capture_rng_state`` (CUDA states only where the same devices exist).
+
+    ``train_generator``'s state is restored only when it was saved from a generator of the same
+    kind: a CUDA generator's state (16 bytes) does not fit a CPU generator (5056) or the other
+    way round, as when a run saved on a GPU is resumed on a CPU. (``Trainer`` reseeds its
+    generator at every epoch start anyway, so its resume stays exact.)"""
     torch.set_rng_state(state["torch_cpu"])
     cuda_states = state.get("torch_cuda") or []
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
@@ -88,8 +93,9 @@ def restore_rng_state(state: Dict[str, Any], train_generator: Optional[torch.Gen
     np.random.set_state(numpy_state)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if train_generator is not None and state.get("train_generator") is not None:
-        train_generator.set_state(state["train_generator"])
+    saved = state.get("train_generator")
+    if train_generator is not None and saved is not None and saved.numel() == train_generator.get_state().numel():
+        train_generator.set_state(saved)
 
 
 # --------------------------------------------------------------------------- helpers

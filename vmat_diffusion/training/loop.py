@@ -514,8 +514,8 @@ class Trainer:
         dataset = PatchDataset(train_reader, self.catalog.structures, cfg.patch_size, cfg.patches_per_volume,
                                cfg.seed, rank=self.dist.rank, augment=cfg.augment, loss_mask=cfg.loss_mask)
         self.sampler = EpochSampler(len(train_reader), cfg.seed, self.dist.rank, self.dist.world_size)
-        self.loader = make_train_loader(dataset, self.sampler, cfg.num_workers, derive_seed(cfg.seed, self.dist.rank),
-                                        pin_memory=self.device.type == "cuda")
+        # No pinned memory: micro_batches concatenates the items into new (unpinned) tensors anyway.
+        self.loader = make_train_loader(dataset, self.sampler, cfg.num_workers, derive_seed(cfg.seed, self.dist.rank))
         self.micro_per_epoch = micro_batches_per_epoch(len(self.sampler), cfg.patches_per_volume, cfg.batch_size)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.accumulate_grad_batches)
         self.total_steps = self.steps_per_epoch * cfg.epochs
