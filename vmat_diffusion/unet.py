@@ -172,14 +172,17 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
 
     The forward pass is ``F.interpolate``. On the CPU the backward pass is ours: PyTorch's
     trilinear backward took 8 % of a base-16 training step (about 7x its forward pass), and
-    its adjoint is separable, three cheap passes of strided adds (``_Upsample2xCPU``).
+    its adjoint is separable, three cheap passes of strided adds (``_Upsample2xSeparable``).
+    Ours also where deterministic algorithms are on (``torch.use_deterministic_algorithms``,
+    the training ``--deterministic`` flag): PyTorch's CUDA trilinear backward adds with
+    atomics, so its sums, and a resumed run's weights, change from run to run.
     """
-    if x.device.type == "cpu":
-        return _Upsample2xCPU.apply(x)
+    if x.device.type == "cpu" or torch.are_deterministic_algorithms_enabled():
+        return _Upsample2xSeparable.apply(x)
     return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
 
 
-class _Upsample2xCPU(torch.autograd.Function):
+class _Upsample2xSeparable(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
                      help="ddp: several --devices always train with DDP (flag kept for the guide's commands)")
     run.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=d.deterministic,
-                     help="deterministic kernels (slower on GPUs)")
+                     help="deterministic kernels (slower on GPUs; needed there for a bit-identical resume)")
     run.add_argument("--gpu_cooling", action="store_true",
                      help="pause cooling_pause s every cooling_interval batches and epoch_pause s between epochs")
     run.add_argument("--cooling_interval", type=int, default=d.cooling_interval, help="batches between cooling pauses")
