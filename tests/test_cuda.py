@@ -7,35 +7,20 @@ the CPU, deterministic training steps, and inference against the CPU result.
 import pytest
 import torch
 
-from vmat_diffusion.phantom import write_phantoms
 from vmat_diffusion.sliding_window import sliding_window_inference
 from vmat_diffusion.training import loop
 from vmat_diffusion.training.checkpoint import load_checkpoint, non_finite_tensors
-from vmat_diffusion.training.config import TrainConfig
 from vmat_diffusion.training.loop import Trainer, make_optimizer, new_model, train_step
 from vmat_diffusion.training.losses import Objective
+
+from test_training import phantom_dir, random_batch, tiny_config  # noqa: F401  (the same tiny phantoms and run settings)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(scope="module")
-def phantom_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("phantoms")
-    write_phantoms(folder, 5, shape=(32, 32, 32), spacing_mm=(8.0, 8.0, 8.0), seed=3)
-    return folder
-
-
-def tiny_config(data_dir, log_dir, **overrides):
-    values = dict(data_dir=str(data_dir), log_dir=str(log_dir), exp_name="run", epochs=1, patch_size=16,
-                  base_channels=4, levels=2, num_workers=0, val_split=0.2, test_split=0.2, lr=1e-3,
-                  gamma_subsample=2, val_overlap=0, progress=False, device="cuda")
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
 @pytest.mark.parametrize("precision, scaler", [("bf16", False), ("16", True)])
 def test_training_on_the_gpu_then_resuming_on_the_cpu(phantom_dir, tmp_path, precision, scaler):
-    trainer = Trainer(tiny_config(phantom_dir, tmp_path, precision=precision))
+    trainer = Trainer(tiny_config(phantom_dir, tmp_path, epochs=1, device="cuda", precision=precision))
     summary = trainer.fit()
     assert summary["epochs_completed"] == 1 and trainer.scaler.is_enabled() == scaler
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -46,11 +31,7 @@ def test_training_on_the_gpu_then_resuming_on_the_cpu(phantom_dir, tmp_path, pre
 
 
 def test_a_deterministic_training_step_on_the_gpu_repeats_exactly():
-    generator = torch.Generator().manual_seed(0)
-    batch = {"ct": torch.rand(2, 1, 16, 16, 16, generator=generator),
-             "masks_sdf": torch.rand(2, 8, 16, 16, 16, generator=generator) * 2 - 1,
-             "dose": torch.rand(2, 1, 16, 16, 16, generator=generator) * 70,
-             "constraints": torch.rand(2, 13, generator=generator)}
+    batch = random_batch()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     loop.enable_determinism()
     try:
