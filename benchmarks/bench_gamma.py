@@ -33,13 +33,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, parse_device, synchronize  # noqa: E402  (sets OMP_WAIT_POLICY before torch loads)
+from common import machine_info, parse_device, synchronize, write_json  # noqa: E402  (sets OMP_WAIT_POLICY before torch loads)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -259,14 +258,11 @@ class RowsWithJson(list):
     def append(self, row) -> None:
         super().append(row)
         args = self.args
-        if args.json is None:
-            return
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(
+        write_json(args.json, dict(
             criteria=CRITERIA, threads=args.threads, repeats=args.repeats, min_seconds=args.min_seconds,
             pymedphys_repeats=args.pymedphys_repeats, op_overhead_ms=self.overhead_ms,
             machine=machine_info(args.device), device=str(args.device), rows=list(self),
-        ), indent=2))
+        ), quiet=True)
 
 
 if __name__ == "__main__":

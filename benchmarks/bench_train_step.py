@@ -270,7 +270,8 @@ def main(argv=None) -> int:
     device, info = start_benchmark(args.device, args.threads)
     if device.type == "cuda":
         # PyTorch lets fp32 convolutions use TF32 by default but not fp32 matmuls: the fp32
-        # ceiling must be the same arithmetic as the models' convolutions
+        # ceiling must be the same arithmetic as the models' convolutions (the switch is global:
+        # the models' few matmuls, FiLM linears and MONAI's, use TF32 too)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
         info["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
         print(f"fp32 on the GPU: TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'} for convolutions and "

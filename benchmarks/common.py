@@ -188,12 +188,17 @@ def settings_of(args, *leave_out: str) -> dict:
     return {key: value for key, value in vars(args).items() if key not in ("json",) + leave_out}
 
 
-def write_json(path: Optional[str], payload: dict) -> None:
-    """Write ``payload`` as indented JSON to ``path`` (nothing when path is None)."""
+def write_json(path: Optional[str], payload: dict, quiet: bool = False) -> None:
+    """Write ``payload`` as indented JSON to ``path`` (nothing when path is None), atomically:
+    a run stopped by ``timeout`` mid-write leaves the previous file, never half of one."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        print(f"wrote {path}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        os.replace(partial, path)
+        if not quiet:
+            print(f"wrote {path}")
 
 
 def proc_kb_field_bytes(path: str, field: str) -> Optional[int]:

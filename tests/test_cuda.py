@@ -32,7 +32,8 @@ def test_training_on_the_gpu_then_resuming_on_the_cpu(phantom_dir, tmp_path, pre
 
 def test_a_deterministic_training_step_on_the_gpu_repeats_exactly():
     batch = random_batch()
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    settings = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark)
     loop.enable_determinism()
     try:
         weights = []
@@ -44,7 +45,8 @@ def test_a_deterministic_training_step_on_the_gpu_repeats_exactly():
                 train_step(model, [batch], optimizer, Objective("baseline", 70.0))
             weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     finally:
-        torch.use_deterministic_algorithms(was_deterministic)
+        torch.use_deterministic_algorithms(settings[0], warn_only=settings[1])
+        torch.backends.cudnn.benchmark = settings[2]
     assert torch.equal(weights[0], weights[1])
 
 

@@ -386,6 +386,8 @@ def test_fp16_loss_scaling_checkpoints_its_scaler_and_resumes_exactly(phantom_di
     assert straight.scaler.is_enabled() and straight.autocast_dtype == torch.float16
     expected = load_checkpoint(tmp_path / "straight" / "run" / "checkpoints" / "last.ckpt")
     assert expected["scaler"]["scale"] > 0 and not non_finite_tensors(expected["model"])
+    from test_train_cli import event_tags
+    assert {"misc/loss_scale", "misc/scaler_skipped_steps"} <= event_tags(tmp_path / "straight" / "run")
 
     real_save = loop.save_checkpoint
 
@@ -413,6 +415,36 @@ def test_fp16_steps_skipped_by_the_scaler_count_until_too_many_in_a_row(phantom_
     with pytest.raises(NonFiniteLossError, match=rf"non-finite gradient in {loop.SCALER_SKIPS_IN_A_ROW_LIMIT} "
                                                  r"steps in a row \(fp16 loss scaling\) at epoch 4 step 20"):
         Trainer(tiny_config(phantom_dir, tmp_path, epochs=5, val_every=5)).fit()
+
+
+def test_fp16_skips_with_skip_nonfinite_restart_the_scale_after_too_many_in_a_row(phantom_dir, tmp_path, monkeypatch):
+    _fp16_on_the_cpu(monkeypatch)
+    real_new_model = loop.new_model
+
+    def model_with_an_infinite_gradient(*args, **kwargs):
+        model = real_new_model(*args, **kwargs)
+        next(p for p in model.parameters() if p.dim() >= 2).register_hook(lambda grad: grad * float("inf"))
+        return model
+
+    monkeypatch.setattr(loop, "new_model", model_with_an_infinite_gradient)
+    trainer = Trainer(tiny_config(phantom_dir, tmp_path, epochs=4, val_every=4, skip_nonfinite=True))
+    trainer.fit()  # 24 steps, every one skipped by the scaler
+    # halved 19 times, restarted at step 20, then halved on steps 21-24
+    assert trainer.scaler.get_scale() == loop.SCALER_INIT_SCALE / 2 ** 4
+    assert trainer.scaler_skipped_steps == 6 and trainer.global_step == 23
+
+
+def test_a_scaler_whose_scale_no_longer_falls_still_reports_its_skips():
+    model = _model_every_layer_learns()
+    next(p for p in model.parameters() if p.dim() >= 2).register_hook(lambda grad: grad * float("inf"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** -148)  # halved twice, it is 0 or the smallest float
+    scales, results = [], []
+    for _ in range(4):
+        results.append(train_step(model, [random_batch()], make_optimizer(model), Objective("baseline", 70.0),
+                                  scaler=scaler))
+        scales.append(scaler.get_scale())
+    assert scales[-1] == scales[-2]  # the scale stopped falling, the skips go on
+    assert all(r.scaler_skipped and r.finite for r in results)
 
 
 def test_early_stopping_and_best_three(phantom_dir, tmp_path, monkeypatch):

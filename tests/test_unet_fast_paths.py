@@ -163,6 +163,20 @@ def test_upsample2x_matches_trilinear_interpolation_on_a_channel_slice_of_channe
     torch.testing.assert_close(ours_x.grad, plain_x.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_upsample2x_backward_is_ours_off_the_cpu_only_in_deterministic_mode():
+    # PyTorch's CUDA trilinear backward adds with atomics; "meta" stands in for a GPU here
+    x = torch.empty(1, 2, 3, 4, 5, device="meta", requires_grad=True)
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert "UpsampleTrilinear3D" in type(upsample2x(x).grad_fn).__name__
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        assert "Upsample2xSeparable" in type(upsample2x(x).grad_fn).__name__
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    assert "Upsample2xSeparable" in type(upsample2x(torch.ones(1, 1, 2, 2, 2, requires_grad=True)).grad_fn).__name__
+
+
 def test_upsample2x_bf16_gradient_is_summed_in_float32():
     torch.manual_seed(0)
     x = torch.randn(1, 4, 4, 4, 4).to(torch.bfloat16)

@@ -80,6 +80,7 @@ KEEP_BEST = 3
 # fp16: this many steps in a row skipped by the GradScaler (its scale lowered 2**20-fold) means
 # the gradient is Inf/NaN whatever the scale: a non-finite gradient, not a scale still settling
 SCALER_SKIPS_IN_A_ROW_LIMIT = 20
+SCALER_INIT_SCALE = 2.0 ** 16  # GradScaler's default; the scale restarts here after such a run of skips
 MASK_EXTRAS = ("possible_dose_mask", "body_mask", "body")
 
 
@@ -92,7 +93,10 @@ def describe_non_finite(loss: float, what: Optional[str] = None) -> str:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient became NaN or Inf; the run stops without writing a checkpoint for that step."""
+    """The loss or the gradient became NaN or Inf; the run stops without writing a checkpoint for that step.
+
+    ``what``: "loss" or "gradient", or a longer description (e.g. of fp16 loss scaling that
+    skipped ``SCALER_SKIPS_IN_A_ROW_LIMIT`` steps in a row)."""
 
     def __init__(self, epoch: int, step: int, loss: float, grad_norm: float = float("nan"),
                  what: Optional[str] = None):
@@ -187,7 +191,7 @@ class StepResult:
     loss: float        # mean loss of the micro-batches (before any scaling)
     finite: bool       # False: the loss or the gradient was NaN/Inf on some process and no step was taken
     grad_norm: float   # gradient norm before clipping (NaN when the loss was not finite)
-    non_finite: str = ""  # what was not finite (on some process): "loss" or "gradient"
+    non_finite: str = ""  # what was not finite (on some process): "loss" or "gradient" (with details)
     # True: the fp16 GradScaler found Inf/NaN in the scaled gradient, skipped the update and
     # lowered its scale (normal while the scale settles; ``finite`` stays True)
     scaler_skipped: bool = False
@@ -235,10 +239,9 @@ def train_step(model: nn.Module, batches: Sequence[Dict[str, torch.Tensor]], opt
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=mean_loss, finite=False, grad_norm=grad_norm, non_finite="gradient")
     if scaler is not None:
-        scale = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        if scaler.get_scale() < scale:  # the scaler only lowers its scale when it skipped the step
+        scaler.step(optimizer)  # skipped by the scaler when the gradient (all-reduced) holds Inf/NaN,
+        scaler.update()         # which is when grad_norm, taken after unscale_, is not finite
+        if not math.isfinite(grad_norm):
             return StepResult(loss=mean_loss, finite=True, grad_norm=grad_norm, scaler_skipped=True)
     else:
         optimizer.step()
@@ -496,7 +499,7 @@ class Trainer:
                                    cfg.loss_mask)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.use_ema else None
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=SCALER_INIT_SCALE, enabled=use_scaler)
         self.train_generator = torch.Generator(device=self.device)
         self.ddp_model = self.model
         if self.dist.enabled:
@@ -773,6 +776,9 @@ class Trainer:
                         result = StepResult(result.loss, False, result.grad_norm,
                                             f"gradient in {SCALER_SKIPS_IN_A_ROW_LIMIT} steps in a row (fp16 loss scaling)")
                         self.scaler_skips_in_a_row = 0
+                        if cfg.skip_nonfinite:  # the run goes on: from a usable scale, not one halved
+                            # towards 0, where no fp16 gradient survives and none can grow it back
+                            self.scaler.update(new_scale=SCALER_INIT_SCALE)
                 else:
                     self.scaler_skips_in_a_row = 0
                 if not result.finite:
