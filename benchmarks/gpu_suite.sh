@@ -66,7 +66,9 @@ else
     run train_step bench_train_step.py --device "$device" --models $train_models --patch 64 96 \
         --precision fp32 bf16 --base 48 --repeats 5
     sliding --device "$device" --model unet
-    run diffusion_predict bench_diffusion_predict.py --device "$device"
+    # GPU-sized (the script's defaults are CPU-sized): 18 windows of 96^3, 50 DDIM steps, both modes
+    run diffusion_predict bench_diffusion_predict.py --device "$device" --shape 192 192 128 --patch 96 \
+        --overlap 24 --steps 50 --base 16 --levels 4 --batch-sizes 1 4 --repeats 1
     # pymedphys only up to 128x128x64 (256x256x128 alone takes it ~25 s), short samples of ours, and
     # the 1 mm phantom (~1.5 min to build on the CPU) last: the JSON is written after every case
     run gamma bench_gamma.py --device "$device" --no-openkbp --big --pymedphys-repeats 1 --threads 1 \
