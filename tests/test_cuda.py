@@ -2,7 +2,8 @@
 
 The CPU suite covers the same code through the CPU: these check what only a GPU exercises:
 training in bf16 and in fp16 with a CUDA GradScaler, checkpoints saved on the GPU and resumed on
-the CPU, deterministic training steps, and inference against the CPU result.
+the CPU, deterministic training steps and a deterministic run resumed bit for bit, and inference
+against the CPU result.
 """
 import pytest
 import torch
@@ -13,7 +14,7 @@ from vmat_diffusion.training.checkpoint import load_checkpoint, non_finite_tenso
 from vmat_diffusion.training.loop import Trainer, make_optimizer, new_model, train_step
 from vmat_diffusion.training.losses import Objective
 
-from test_training import phantom_dir, random_batch, tiny_config  # noqa: F401  (the same tiny phantoms and run settings)
+from test_training import phantom_dir, random_batch, run_stopped_after_epoch_one, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -30,10 +31,19 @@ def test_training_on_the_gpu_then_resuming_on_the_cpu(phantom_dir, tmp_path, pre
     assert resumed.fit()["epochs_completed"] == 2
 
 
+def test_a_deterministic_run_on_the_gpu_resumes_exactly(phantom_dir, tmp_path, monkeypatch):
+    settings = dict(epochs=2, device="cuda", precision="32", deterministic=True)
+    Trainer(tiny_config(phantom_dir, tmp_path / "straight", **settings)).fit()
+    expected = load_checkpoint(tmp_path / "straight" / "run" / "checkpoints" / "last.ckpt")
+    last = run_stopped_after_epoch_one(tiny_config(phantom_dir, tmp_path / "resumed", **settings), monkeypatch)
+    Trainer(tiny_config(phantom_dir, tmp_path / "resumed", resume=str(last), **settings)).fit()
+    final = load_checkpoint(last)
+    assert all(torch.equal(final["model"][k], v) for k, v in expected["model"].items())
+
+
 def test_a_deterministic_training_step_on_the_gpu_repeats_exactly():
     batch = random_batch()
-    settings = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.backends.cudnn.benchmark)
+    settings = loop.determinism_state()
     loop.enable_determinism()
     try:
         weights = []
@@ -45,8 +55,7 @@ def test_a_deterministic_training_step_on_the_gpu_repeats_exactly():
                 train_step(model, [batch], optimizer, Objective("baseline", 70.0))
             weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     finally:
-        torch.use_deterministic_algorithms(settings[0], warn_only=settings[1])
-        torch.backends.cudnn.benchmark = settings[2]
+        loop.restore_determinism(settings)
     assert torch.equal(weights[0], weights[1])
 
 

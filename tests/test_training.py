@@ -2,6 +2,7 @@
 import csv
 import math
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -374,6 +375,22 @@ class _StopAfterEpochOne(Exception):
     pass
 
 
+def run_stopped_after_epoch_one(config, monkeypatch):
+    """``Trainer(config).fit()`` stopped right after epoch 1's last.ckpt, as by a crash; returns its path."""
+    real_save = loop.save_checkpoint
+
+    def save_then_stop(path, payload):
+        real_save(path, payload)
+        if payload["epoch"] == 1 and path.name == "last.ckpt":
+            raise _StopAfterEpochOne
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "save_checkpoint", save_then_stop)
+        with pytest.raises(_StopAfterEpochOne):
+            Trainer(config).fit()
+    return Path(config.log_dir) / config.exp_name / "checkpoints" / "last.ckpt"
+
+
 def _fp16_on_the_cpu(monkeypatch):
     """The Trainer's fp16 + GradScaler path (CUDA-only from the flags) on the CPU."""
     monkeypatch.setattr(loop, "resolve_precision", lambda precision, device: (torch.float16, True))
@@ -389,18 +406,7 @@ def test_fp16_loss_scaling_checkpoints_its_scaler_and_resumes_exactly(phantom_di
     from test_train_cli import event_tags
     assert {"misc/loss_scale", "misc/scaler_skipped_steps"} <= event_tags(tmp_path / "straight" / "run")
 
-    real_save = loop.save_checkpoint
-
-    def save_then_stop(path, payload):  # a crash right after epoch 1's last.ckpt
-        real_save(path, payload)
-        if payload["epoch"] == 1 and path.name == "last.ckpt":
-            raise _StopAfterEpochOne
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
-    with pytest.raises(_StopAfterEpochOne):
-        Trainer(tiny_config(phantom_dir, tmp_path / "resumed", epochs=2)).fit()
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
-    last = tmp_path / "resumed" / "run" / "checkpoints" / "last.ckpt"
+    last = run_stopped_after_epoch_one(tiny_config(phantom_dir, tmp_path / "resumed", epochs=2), monkeypatch)
     resumed = Trainer(tiny_config(phantom_dir, tmp_path / "resumed", epochs=2, resume=str(last)))
     resumed.fit()
     final = load_checkpoint(last)

@@ -193,6 +193,22 @@ def test_denormals_are_flushed_during_cpu_training_only(phantom_dir, tmp_path, m
     assert not loop.denormals_flushed()  # the process's setting is restored
 
 
+def test_deterministic_training_puts_the_process_settings_back(phantom_dir, tmp_path, monkeypatch):
+    seen = []
+    real = loop.train_step
+
+    def recording_step(*args, **kwargs):
+        seen.append(loop.determinism_state())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    before = loop.determinism_state()
+    assert not before[0]
+    loop.Trainer(tiny_config(phantom_dir, tmp_path, epochs=1, deterministic=True)).fit()
+    assert seen and all(state[0] and not state[2] for state in seen)
+    assert loop.determinism_state() == before
+
+
 def test_cli_names_a_bad_validation_setting(phantom_dir, tmp_path, capsys):
     assert train_cli.main(["--data_dir", str(phantom_dir), "--val_ids", "nobody", "--log_dir", str(tmp_path)]) == 2
     assert "val_ids: case id(s) ['nobody'] not found in data_dir" in capsys.readouterr().err

@@ -157,6 +157,18 @@ def enable_determinism() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def determinism_state() -> Tuple[bool, bool, bool]:
+    """What ``enable_determinism`` changes: (deterministic algorithms, warn only, cudnn.benchmark)."""
+    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark)
+
+
+def restore_determinism(state: Tuple[bool, bool, bool]) -> None:
+    """Put back a ``determinism_state()``."""
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    torch.backends.cudnn.benchmark = state[2]
+
+
 # --------------------------------------------------------------------------- optimisation pieces
 
 
@@ -652,8 +664,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
-        """Run (or resume) training to ``epochs`` or early stop; returns the summary dict."""
-        flushed_before = denormals_flushed()
+        """Run (or resume) training to ``epochs`` or early stop; returns the summary dict.
+
+        Global settings it changes (``deterministic``; flushing denormals on the CPU) are put
+        back when it returns."""
+        flushed_before, determinism_before = denormals_flushed(), determinism_state()
         try:
             self.setup()
             if self.device.type == "cpu":
@@ -667,6 +682,7 @@ class Trainer:
                 return self._fit()
         finally:
             torch.set_flush_denormal(flushed_before)
+            restore_determinism(determinism_before)
             if getattr(self, "log", None) is not None:
                 self.log.close()
             if getattr(self, "loader", None) is not None:
