@@ -11,8 +11,9 @@ from test_openkbp import write_fake_patient
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "openkbp_baseline.py"
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("openkbp_baseline_example", EXAMPLE)
+def load_example(path=EXAMPLE):
+    """An examples/ script as a module (its main() and helpers), without running it."""
+    spec = importlib.util.spec_from_file_location(path.stem + "_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,21 +1,15 @@
 """examples/quickstart.py end to end at one epoch, run twice into the same folder."""
-import importlib.util
 import math
 import re
 from pathlib import Path
 
+from test_openkbp_example import load_example
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("quickstart_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_quickstart_trains_predicts_scores_and_a_second_run_replaces_the_first(tmp_path, capsys):
-    example = load_example()
+    example = load_example(EXAMPLE)
     for _ in range(2):  # the second run into the same folder replaces the first, as its comment says
         example.main(str(tmp_path / "out"), epochs=1)
         printed = capsys.readouterr().out

@@ -178,35 +178,23 @@ def test_auto_precision_on_cpu_is_bf16_only_with_amx(monkeypatch):
     assert loop.resolve_precision("bf16", cpu) == (torch.bfloat16, False)
 
 
-def test_denormals_are_flushed_during_cpu_training_only(phantom_dir, tmp_path, monkeypatch):
+def test_denormal_flushing_and_determinism_hold_during_cpu_training_only(phantom_dir, tmp_path, monkeypatch):
     seen = []
     real = loop.train_step
 
     def recording_step(*args, **kwargs):
-        seen.append(loop.denormals_flushed())
+        seen.append((loop.denormals_flushed(), loop.determinism_state()))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", recording_step)
     torch.set_flush_denormal(False)
-    loop.Trainer(tiny_config(phantom_dir, tmp_path, epochs=1)).fit()
-    assert seen and all(seen)
-    assert not loop.denormals_flushed()  # the process's setting is restored
-
-
-def test_deterministic_training_puts_the_process_settings_back(phantom_dir, tmp_path, monkeypatch):
-    seen = []
-    real = loop.train_step
-
-    def recording_step(*args, **kwargs):
-        seen.append(loop.determinism_state())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", recording_step)
-    before = loop.determinism_state()
-    assert not before[0]
+    determinism_before = loop.determinism_state()
+    assert not determinism_before[0]
     loop.Trainer(tiny_config(phantom_dir, tmp_path, epochs=1, deterministic=True)).fit()
-    assert seen and all(state[0] and not state[2] for state in seen)
-    assert loop.determinism_state() == before
+    assert seen and all(flushed and deterministic and not benchmark
+                        for flushed, (deterministic, _, benchmark) in seen)
+    # the process's settings are restored
+    assert not loop.denormals_flushed() and loop.determinism_state() == determinism_before
 
 
 def test_cli_names_a_bad_validation_setting(phantom_dir, tmp_path, capsys):
