@@ -180,7 +180,8 @@ def test_no_weights_only_false_in_package():
     for folder, _, files in os.walk(root):
         for name in files:
             if name.endswith(".py"):
-                text = open(os.path.join(folder, name)).read()
+                with open(os.path.join(folder, name)) as source:
+                    text = source.read()
                 if "weights_only=False" in text.replace(" ", ""):
                     offenders.append(name)
     assert offenders == []

@@ -133,7 +133,7 @@ def test_cli_single_case_writes_every_output(data_dir, checkpoints, tmp_path, ca
     assert 0.0 <= entry["gamma_pass_rate"] <= 100.0
     assert entry["gamma"]["subsample"] == 2 and entry["gamma"]["spacing_mm"] == [16.0, 16.0, 16.0]
     assert report["summary"]["n_cases"] == 1
-    rows = list(csv.DictReader((output.parent / "metrics.csv").open()))
+    rows = list(csv.DictReader((output.parent / "metrics.csv").read_text().splitlines()))
     assert [row["case_id"] for row in rows] == [case.case_id, "mean", "sd"]
     assert float(rows[0]["mae_gy"]) == pytest.approx(entry["mae_gy"])
     # The DVH plot is optional: written exactly when matplotlib is installed.
@@ -155,7 +155,7 @@ def test_cli_input_dir_writes_predictions_and_summary(data_dir, checkpoints, tmp
     assert report["summary"]["mean"]["mae_gy"] == pytest.approx(np.mean(maes))
     assert report["summary"]["sd"]["mae_gy"] == pytest.approx(np.std(maes, ddof=1))
     assert report["cases"][0]["gamma"]["spacing_mm"] == list(SPACING)
-    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
     assert [row["case_id"] for row in rows] == case_ids + ["mean", "sd"]
     assert not list(out.glob("*.png"))
     # Prediction files in the input folder are not taken for cases on a second run.
@@ -442,5 +442,5 @@ def test_cli_metrics_of_cases_without_a_fitting_site_note_it_once(data_dir, tmp_
     report = json.loads((out / "metrics.json").read_text())
     assert [(c["goals_site"], c["goals"], c["goals_total"]) for c in report["cases"]] == [(None, None, None)] * 2
     assert "goals_total" not in report["summary"]["mean"]
-    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
     assert [row["goals_total"] for row in rows] == ["", "", "", ""]      # c0, c1, mean, sd
