@@ -213,7 +213,10 @@ def predict_full_volume(model: Callable[..., torch.Tensor], condition: torch.Ten
         mode: ``"synchronous"`` (one DDIM step on the whole volume per step, window noise
             predictions blended; neighbours agree) or ``"per_window"`` (independent DDIM runs
             per window, final x0 windows blended). See the module docstring.
-        generator: torch.Generator for x_T (and eta > 0 noise) for reproducible samples.
+        generator: torch.Generator for x_T (and eta > 0 noise) for reproducible samples. The
+            same generator state gives the same sample whatever ``batch_size``, except in
+            ``per_window`` mode with eta > 0, where each step's noise is drawn for a batch of
+            windows at once (and windows are taken in ``_WindowGrid``'s order).
         progress: tqdm bar over DDIM steps (synchronous) or window batches (per_window).
 
     Axes shorter than the patch: the condition is replicate-padded (centred, as in
