@@ -196,7 +196,9 @@ def main(argv=None) -> int:
                         help="each sample of ours repeats the call for at least this long and reports the "
                              "mean per call (about one pymedphys call on the smallest case); 0: one call")
     parser.add_argument("--pymedphys-repeats", type=int, default=2, help="timed pymedphys calls (best is reported)")
-    parser.add_argument("--threads", type=int, default=2, help="torch and numba threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and numba threads (1: what BENCHMARKS.md reports; the small ops of ours gain "
+                             "little from a second thread, and lose much under OMP_WAIT_POLICY=PASSIVE)")
     parser.add_argument("--device", default="cpu", help="where ours runs (cuda: tensors on the GPU); "
                         "pymedphys always runs on the CPU")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
